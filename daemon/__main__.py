@@ -1,0 +1,5 @@
+import sys
+
+from runwatch.daemon.cli import main
+
+sys.exit(main())

@@ -1,0 +1,198 @@
+"""The ``runwatch`` command. Every listing takes ``--json`` for scripts.
+
+    runwatch daemon [--config FILE] [--socket PATH] [--state-dir DIR] ...
+    runwatch status [--json]
+    runwatch runs [--all] [--json]
+    runwatch demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from runwatch.daemon import __version__, paths
+from runwatch.daemon.client import Client, DaemonUnreachable
+from runwatch.daemon.config import ConfigError, load_settings
+
+EXIT_UNREACHABLE = 1
+EXIT_CONFIG = 2
+EXIT_STARTUP = 3
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _socket_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--socket", type=Path, help="daemon socket (default: $RUNWATCH_SOCKET or the "
+                   "per-user / systemd location)")
+
+
+def _query(args: argparse.Namespace, op: str, **kw: Any) -> dict[str, Any]:
+    with Client(paths.client_socket_path(args.socket)) as client:
+        return client.query(op, **kw)
+
+
+# -- daemon ----------------------------------------------------------------------------
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from runwatch.daemon.service import Daemon, StartupError
+
+    flags = {
+        "socket": args.socket,
+        "state_dir": args.state_dir,
+        "exporter_address": args.exporter_address,
+        "exporter_port": args.exporter_port,
+        "log_level": args.log_level,
+    }
+    try:
+        settings = load_settings(args.config, **flags)
+    except ConfigError as exc:
+        print(f"runwatch daemon: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    daemon = Daemon(settings, reload=lambda: load_settings(args.config, **flags),
+                    config_path=args.config)
+    try:
+        daemon.run()
+    except StartupError as exc:
+        print(f"runwatch daemon: cannot start: {exc}", file=sys.stderr)
+        return EXIT_STARTUP
+    return 0
+
+
+# -- status / runs ---------------------------------------------------------------------
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    path = paths.client_socket_path(args.socket)
+    try:
+        status = _query(args, "status")
+    except DaemonUnreachable as exc:
+        if args.json:
+            _print_json({"reachable": False, "socket": str(path), "error": str(exc)})
+        else:
+            Console(stderr=True).print(f"[red]runwatch daemon is not reachable[/red]: {exc}")
+        return EXIT_UNREACHABLE
+    status["reachable"] = True
+    if args.json:
+        _print_json(status)
+        return 0
+    d, i = status["daemon"], status["ingest"]
+    table = Table(title=f"runwatch daemon {d['version']} (pid {d['pid']})", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("socket", d["socket"])
+    table.add_row("exporter", d["exporter"] or "off")
+    table.add_row("store", f"{d['store']} ({d['store_bytes'] / 1e6:.1f} MB)")
+    table.add_row("uptime", f"{d['uptime_seconds']:.0f} s")
+    table.add_row("connections", str(i["connections"]))
+    table.add_row("points stored", f"{i['points_total']:,}")
+    rejected = i["rejected_frames_total"]
+    table.add_row("frames rejected",
+                  ", ".join(f"{k}={v}" for k, v in rejected.items()) if rejected else "0")
+    table.add_row("live runs", str(status["runs"]["live"]))
+    Console().print(table)
+    return 0
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    try:
+        runs = _query(args, "runs", all=args.all)["runs"]
+    except DaemonUnreachable as exc:
+        Console(stderr=True).print(f"[red]runwatch daemon is not reachable[/red]: {exc}")
+        return EXIT_UNREACHABLE
+    if args.json:
+        _print_json(runs)
+        return 0
+    if not runs:
+        Console().print("no live runs on this node" + ("" if args.all else " (--all shows past ones)"))
+        return 0
+    table = Table(title="runs on this node")
+    for col in ("run", "ranks", "last step", "steps/s", "last seen", "loss", "grad norm", "lr"):
+        table.add_column(col, justify="left" if col == "run" else "right")
+    for r in runs:
+        latest = r["latest"]
+        lr = next((v for k, v in sorted(latest.items()) if k.startswith("learning_rate")), "")
+        seen = r["seconds_since_last_step"]
+        table.add_row(
+            r["run"],
+            f"{r['connected']}/{r['world_size']}",
+            str(r["last_step"]),
+            _fmt(r["steps_per_second"]),
+            "-" if seen is None else f"{seen:.0f}s ago",
+            _fmt(latest.get("loss", "")),
+            _fmt(latest.get("grad_norm", "")),
+            _fmt(lr),
+        )
+    Console().print(table)
+    return 0
+
+
+# -- demo ------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from runwatch.daemon.demo import run_demo
+
+    return run_demo(steps=args.steps)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="runwatch", description="Training-run observability.")
+    parser.add_argument("--version", action="version", version=f"runwatch {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("daemon", help="run the node daemon in the foreground")
+    p.add_argument("--config", type=Path, help="TOML config (default /etc/runwatch/runwatch.toml "
+                   "when present)")
+    _socket_arg(p)
+    p.add_argument("--state-dir", type=Path, help="folder for the SQLite store")
+    p.add_argument("--exporter-address", help="Prometheus exporter address (default 127.0.0.1)")
+    p.add_argument("--exporter-port", type=int, help="Prometheus exporter port (0 = any free)")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_daemon)
+
+    p = sub.add_parser("status", help="the daemon's health and where it listens")
+    _socket_arg(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("runs", help="live runs on this node")
+    _socket_arg(p)
+    p.add_argument("--all", action="store_true", help="include runs that have gone away")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("demo", help="start a daemon, train a tiny model with the hook, show status")
+    p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Daemon settings: defaults < TOML file < ``RUNWATCH_*`` environment < CLI flags.
+
+The TOML file is ``--config PATH`` when given, else ``/etc/runwatch/runwatch.toml`` when it
+exists. A wrong value stops start-up with a :class:`ConfigError` naming the setting and
+where it came from.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from runwatch.daemon import paths
+
+SYSTEM_CONFIG = Path("/etc/runwatch/runwatch.toml")
+
+
+class ConfigError(Exception):
+    """A setting the daemon refuses to start with. The message names it and why."""
+
+
+class Settings(BaseSettings):
+    """Everything the node daemon can be told. Each field is also ``RUNWATCH_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="RUNWATCH_", extra="forbid", frozen=True)
+
+    socket: Path = Field(default_factory=paths.default_socket_path)
+    socket_mode: int = Field(
+        default=0o660,
+        description="Permission bits of the socket; group members of the daemon may connect.",
+    )
+    state_dir: Path = Field(default_factory=paths.default_state_dir)
+    exporter_address: str = "127.0.0.1"
+    exporter_port: int = Field(default=9478, ge=0, le=65535, description="0 picks a free port.")
+    exporter_enabled: bool = True
+    max_frame_bytes: int = Field(default=8 << 20, ge=4096, le=256 << 20)
+    handshake_timeout_seconds: float = Field(default=10.0, gt=0, le=600)
+    inflight_bytes: int = Field(
+        default=64 << 20, ge=1 << 20, description="Decoded-but-uncommitted bytes held at most."
+    )
+    live_run_seconds: float = Field(
+        default=300.0, gt=0, description="A run with no sample for this long is not listed as live."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("socket_mode", mode="before")
+    @classmethod
+    def _octal(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                return int(value, 8)
+            except ValueError:
+                raise ValueError(f"{value!r} is not an octal mode such as '0660'") from None
+        return value
+
+    @field_validator("socket_mode")
+    @classmethod
+    def _mode_range(cls, value: int) -> int:
+        if not 0 <= value <= 0o777:
+            raise ValueError(f"{oct(value)} is not a permission mode (0 to 0777)")
+        return value
+
+    @field_validator("exporter_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is not an IP address") from None
+        return value
+
+    @field_validator("socket", "state_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().absolute()
+
+    @property
+    def store_path(self) -> Path:
+        return self.state_dir / "runwatch.db"
+
+
+def _settings_class(toml_file: Path | None) -> type[Settings]:
+    class FileSettings(Settings):
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+            if toml_file is not None:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+            return tuple(sources)
+
+    return FileSettings
+
+
+def load_settings(config: Path | str | None = None, **flags: Any) -> Settings:
+    """Build settings from every source; ``flags`` are CLI values (``None`` = not given)."""
+    toml_file: Path | None
+    if config is not None:
+        toml_file = Path(config)
+        if not toml_file.is_file():
+            raise ConfigError(f"config file {toml_file}: not found")
+    else:
+        toml_file = SYSTEM_CONFIG if SYSTEM_CONFIG.is_file() else None
+    if toml_file is not None:
+        try:
+            tomllib.loads(toml_file.read_text())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {toml_file}: cannot be read: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {toml_file}: {exc}") from None
+    given = {k: v for k, v in flags.items() if v is not None}
+    try:
+        return _settings_class(toml_file)(**given)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, toml_file, given)) from None
+
+
+def _describe(exc: ValidationError, toml_file: Path | None, flags: dict[str, Any]) -> str:
+    lines = []
+    for err in exc.errors():
+        name = ".".join(str(p) for p in err["loc"])
+        top = str(err["loc"][0]) if err["loc"] else name
+        if top in flags:
+            origin = f"--{top.replace('_', '-')}"
+        elif f"RUNWATCH_{top.upper()}" in os.environ:
+            origin = f"RUNWATCH_{top.upper()}"
+        elif toml_file is not None:
+            origin = str(toml_file)
+        else:
+            origin = "default"
+        msg = "unknown setting" if err["type"] == "extra_forbidden" else err["msg"]
+        value = err.get("input")
+        shown = "" if err["type"] == "extra_forbidden" else f" (got {value!r})"
+        lines.append(f"setting '{name}' from {origin}: {msg}{shown}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)

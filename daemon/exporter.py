@@ -1,0 +1,170 @@
+"""Prometheus exposition: the daemon's own health and every run's latest training values.
+
+Names follow the Prometheus conventions: base units, ``_total`` on counters, ``_seconds``
+on durations, and labels of low cardinality (run, rank, and one label for a metric key's
+``/sub`` part such as a parameter group or layer). Training values are exported as
+``runwatch_train_<key base>``, so a hook key ``learning_rate/0`` becomes
+``runwatch_train_learning_rate{run="..",rank="0",param_group="0"}``.
+
+Each daemon has its own :class:`CollectorRegistry`; nothing registers globally.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import start_wsgi_server
+from prometheus_client.registry import Collector
+
+from runwatch.daemon import __version__
+from runwatch.daemon.live import LiveView
+
+log = logging.getLogger("runwatch.exporter")
+
+REJECT_REASONS = (
+    "bad_version",
+    "bad_handshake",
+    "handshake_timeout",
+    "oversized",
+    "malformed",
+    "truncated",
+    "unknown_kind",
+    "unexpected",
+    "forbidden",
+    "store_unavailable",
+)
+
+#: Label name used for the ``/sub`` part of a hook key, by key base.
+SUB_LABELS = {
+    "learning_rate": "param_group",
+    "group_grad_norm": "group",
+    "activation_norm": "layer",
+}
+
+#: HELP text for the keys the hook sends by default; other keys get a generic one.
+TRAIN_HELP = {
+    "loss": "Training loss of the step (mean over micro-batches).",
+    "grad_norm": "Total L2 norm of the gradients before the optimizer step.",
+    "group_grad_norm": "L2 norm of the gradients of one parameter group of layers.",
+    "learning_rate": "Learning rate of an optimizer parameter group.",
+    "step_duration_seconds": "Wall time between consecutive optimizer steps on the host.",
+    "activation_norm": "L2 norm of a watched layer's output.",
+}
+
+RESERVED = {"step", "last_sample_timestamp_seconds", "steps_per_second", "hook_connections"}
+_INVALID = re.compile(r"[^a-zA-Z0-9_]")
+
+
+class DaemonMetrics:
+    """The daemon's own counters, in the daemon's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.points = Counter(
+            "runwatch_ingest_points", "Points committed to the store.", registry=registry
+        )
+        self.frames = Counter(
+            "runwatch_ingest_frames", "Sample frames committed and acknowledged.", registry=registry
+        )
+        self.rejected = Counter(
+            "runwatch_ingest_rejected_frames",
+            "Frames refused, by reason; the connection that sent one is closed.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
+        self.connections = Gauge(
+            "runwatch_ingest_connections", "Open client connections.", ["role"], registry=registry
+        )
+        for role in ("hook", "cli"):
+            self.connections.labels(role)
+        self.commit_seconds = Histogram(
+            "runwatch_store_commit_duration_seconds",
+            "Time to commit one batch of frames to SQLite.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=registry,
+        )
+        self.store_errors = Counter(
+            "runwatch_store_errors",
+            "Failed store commits, by kind (disk_full, read_only, busy, other).",
+            ["kind"],
+            registry=registry,
+        )
+        for kind in ("disk_full", "read_only", "busy", "other"):
+            self.store_errors.labels(kind)
+        Info("runwatch_build", "Version of the running daemon.", registry=registry).info(
+            {"version": __version__}
+        )
+
+
+def train_metric_name(base: str) -> str:
+    return "runwatch_train_" + _INVALID.sub("_", base)
+
+
+class TrainCollector(Collector):
+    """Reads the live view at scrape time; one gauge family per key base."""
+
+    def __init__(self, live: LiveView) -> None:
+        self.live = live
+
+    def collect(self) -> Iterator[Metric]:
+        streams = self.live.snapshot()
+        step = GaugeMetricFamily(
+            "runwatch_train_step", "Last optimizer step reported by the rank.", labels=["run", "rank"]
+        )
+        seen = GaugeMetricFamily(
+            "runwatch_train_last_sample_timestamp_seconds",
+            "Unix time of the rank's last reported step.",
+            labels=["run", "rank"],
+        )
+        rate = GaugeMetricFamily(
+            "runwatch_train_steps_per_second", "Recent optimizer steps per second.", labels=["run", "rank"]
+        )
+        conns = GaugeMetricFamily(
+            "runwatch_train_hook_connections",
+            "Hook connections open for the rank (0 when it has gone away).",
+            labels=["run", "rank"],
+        )
+        families: dict[str, GaugeMetricFamily] = {}
+        for s in streams:
+            base_labels = [s.info.run, str(s.info.rank)]
+            conns.add_metric(base_labels, s.connections)
+            if s.last_step < 0:
+                continue
+            step.add_metric(base_labels, s.last_step)
+            seen.add_metric(base_labels, s.last_time)
+            rate.add_metric(base_labels, s.steps_per_second)
+            for key, value in s.latest.items():
+                base, _, sub = key.partition("/")
+                if base in RESERVED:
+                    continue
+                family = families.get(key if not sub else base + "/")
+                if family is None:
+                    labels = ["run", "rank"] + ([SUB_LABELS.get(base, "key")] if sub else [])
+                    name = train_metric_name(base)
+                    help_text = TRAIN_HELP.get(base, f"Value of '{base}' reported by the training hook.")
+                    family = GaugeMetricFamily(name, help_text, labels=labels)
+                    families[key if not sub else base + "/"] = family
+                family.add_metric([*base_labels, sub] if sub else base_labels, value)
+        yield step
+        yield seen
+        yield rate
+        yield conns
+        names: set[str] = set()
+        for family in families.values():
+            # "a" and "a/x" would give one name two label sets; keep the first seen.
+            if family.name in names:
+                continue
+            names.add(family.name)
+            yield family
+
+
+def serve(registry: CollectorRegistry, address: str, port: int) -> WSGIServer:
+    """Start the /metrics HTTP server on a thread; the returned server knows its real port."""
+    server, _thread = start_wsgi_server(port, address, registry)
+    return server

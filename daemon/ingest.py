@@ -1,0 +1,306 @@
+"""Ingest: the asyncio Unix-socket server that hooks and the CLI talk to.
+
+One task per connection. A bad frame gets an ERROR frame with its reason, the connection
+is closed and the reject counted; nobody else notices. Sample frames are decoded here and
+handed to the writer thread; the ACK goes back only after the writer has committed them.
+Memory is bounded by an in-flight byte budget: when the writer falls behind, connections
+stop being read, the hooks' acks slow down, and the hooks spool instead of the daemon
+buffering without end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runwatch.daemon import __version__, protocol
+from runwatch.daemon.config import Settings
+from runwatch.daemon.exporter import DaemonMetrics
+from runwatch.daemon.live import LiveView
+from runwatch.daemon.protocol import Kind, ProtocolError
+from runwatch.daemon.store import StreamInfo
+from runwatch.daemon.writer import Done, Write, Writer
+
+log = logging.getLogger("runwatch.ingest")
+
+_CREDS = struct.Struct("3i")
+Query = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+
+@dataclass(eq=False)
+class Connection:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    peer: Peer
+    role: str = "?"
+    stream: StreamInfo | None = None
+    closed: bool = False
+    name: str = field(default="")
+
+    def send(self, data: bytes) -> None:
+        if not self.closed:
+            self.writer.write(data)
+
+    def refuse(self, code: str, detail: str) -> None:
+        self.send(protocol.error_frame(code, detail))
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.writer.close()
+
+
+class InflightBudget:
+    """Bytes decoded but not yet committed. One frame may always pass, however large."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._cond = asyncio.Condition()
+
+    async def acquire(self, n: int) -> None:
+        if self.used and self.used + n > self.limit:
+            async with self._cond:
+                await self._cond.wait_for(lambda: not self.used or self.used + n <= self.limit)
+        self.used += n
+
+    def release(self, n: int) -> None:
+        self.used -= n
+        asyncio.get_running_loop().create_task(self._wake())
+
+    async def _wake(self) -> None:
+        async with self._cond:
+            self._cond.notify_all()
+
+
+def peer_credentials(writer: asyncio.StreamWriter) -> Peer:
+    sock: socket.socket = writer.get_extra_info("socket")
+    pid, uid, gid = _CREDS.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CREDS.size))
+    return Peer(pid, uid, gid)
+
+
+class Ingest:
+    def __init__(
+        self,
+        settings: Callable[[], Settings],
+        writer: Writer,
+        live: LiveView,
+        metrics: DaemonMetrics,
+        query: Query,
+    ) -> None:
+        self._settings = settings
+        self._writer = writer
+        self._live = live
+        self._metrics = metrics
+        self._query = query
+        self._decoder = protocol.SamplesDecoder()
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._connections: set[Connection] = set()
+        self._outstanding = 0
+        self._all_acked = asyncio.Event()
+        self._all_acked.set()
+        self._budget = InflightBudget(settings().inflight_bytes)
+        self._loop = asyncio.get_running_loop()
+
+    @property
+    def connections(self) -> int:
+        return len(self._connections)
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def listen(self, path: Path, mode: int) -> None:
+        self._server = await asyncio.start_unix_server(self._accept, path=str(path))
+        os.chmod(path, mode)
+
+    def stop_reading(self) -> None:
+        """Stop accepting and reading; frames already handed to the writer still get acked."""
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def wait_acked(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._all_acked.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def close_all(self) -> None:
+        for conn in list(self._connections):
+            conn.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def notify(self, results: list[tuple[Done, BaseException | None]]) -> None:
+        """Called by the writer thread after a commit; runs the callbacks on the loop."""
+        self._loop.call_soon_threadsafe(self._deliver, results)
+
+    def _deliver(self, results: list[tuple[Done, BaseException | None]]) -> None:
+        for done, error in results:
+            done(error)
+
+    # -- connections ------------------------------------------------------------------
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        conn = Connection(reader, writer, peer_credentials(writer))
+        self._connections.add(conn)
+        try:
+            await self._serve(conn)
+        except ProtocolError as exc:
+            self._reject(conn, exc.code, exc.detail)
+        except asyncio.CancelledError:
+            # Draining: leave the transport open so pending acks can still go out.
+            return
+        except (ConnectionError, OSError):
+            pass
+        except Exception:
+            log.exception("unexpected error serving %s", conn.name or conn.peer)
+            self._reject(conn, "unexpected", "internal error; see the daemon log")
+        finally:
+            self._tasks.discard(task)
+            if conn.stream is not None:
+                self._live.connected(conn.stream.id, -1)
+            if conn.role in ("hook", "cli"):
+                self._metrics.connections.labels(conn.role).dec()
+            if not task.cancelled() and not task.cancelling():
+                conn.close()
+                self._connections.discard(conn)
+
+    def _reject(self, conn: Connection, code: str, detail: str) -> None:
+        self._metrics.rejected.labels(code).inc()
+        log.warning("refused %s (pid %d, uid %d): %s: %s",
+                    conn.name or "client", conn.peer.pid, conn.peer.uid, code, detail)
+        conn.refuse(code, detail)
+
+    async def _read_frame(self, conn: Connection, body_timeout: float) -> tuple[Kind, bytes] | None:
+        """The next frame, or None on a clean end of stream between frames."""
+        try:
+            header = await conn.reader.readexactly(protocol.HEADER.size)
+        except asyncio.IncompleteReadError as exc:
+            if not exc.partial:
+                return None
+            raise ProtocolError("truncated", "connection closed inside a frame header") from None
+        kind, length = protocol.parse_header(header, self._settings().max_frame_bytes)
+        try:
+            payload = await asyncio.wait_for(conn.reader.readexactly(length), body_timeout)
+        except asyncio.IncompleteReadError as exc:
+            raise ProtocolError(
+                "truncated", f"connection closed after {len(exc.partial)} of {length} payload bytes"
+            ) from None
+        except TimeoutError:
+            raise ProtocolError(
+                "truncated", f"frame body of {length} bytes not received within {body_timeout:g}s"
+            ) from None
+        return kind, payload
+
+    async def _serve(self, conn: Connection) -> None:
+        timeout = self._settings().handshake_timeout_seconds
+        try:
+            first = await asyncio.wait_for(self._read_frame(conn, timeout), timeout)
+        except TimeoutError:
+            raise ProtocolError("handshake_timeout", f"no HELLO within {timeout:g}s") from None
+        if first is None:
+            return
+        kind, payload = first
+        if kind != Kind.HELLO:
+            raise ProtocolError("bad_handshake", f"first frame must be HELLO, got {kind.name}")
+        hello = protocol.decode_hello(payload)
+        conn.role = hello.role
+        self._metrics.connections.labels(hello.role).inc()
+        if hello.role == "cli":
+            conn.name = f"cli pid {conn.peer.pid}"
+            conn.send(protocol.json_frame(Kind.WELCOME, self._welcome()))
+            await self._serve_cli(conn)
+        else:
+            await self._serve_hook(conn, hello)
+
+    def _welcome(self, **extra: Any) -> dict[str, Any]:
+        return {
+            "protocol": protocol.PROTOCOL_VERSION,
+            "daemon_version": __version__,
+            "max_frame_bytes": self._settings().max_frame_bytes,
+            **extra,
+        }
+
+    async def _serve_cli(self, conn: Connection) -> None:
+        while (frame := await self._read_frame(conn, self._settings().handshake_timeout_seconds)):
+            kind, payload = frame
+            if kind != Kind.QUERY:
+                raise ProtocolError("unexpected", f"a CLI connection may send QUERY, not {kind.name}")
+            request = protocol.decode_json(payload)
+            try:
+                reply = self._query(request)
+            except Exception as exc:  # a bad query must not take the connection down
+                log.exception("query %r failed", request.get("op"))
+                reply = {"error": f"query failed: {exc}"}
+            conn.send(protocol.json_frame(Kind.REPLY, reply))
+            await conn.writer.drain()
+
+    async def _serve_hook(self, conn: Connection, hello: protocol.Hello) -> None:
+        assert hello.run is not None
+        run, rank, uid = hello.run, hello.rank, conn.peer.uid
+
+        def register(store: Any) -> StreamInfo:
+            owner = store.conn.execute("SELECT owner_uid FROM runs WHERE name = ?", (run,)).fetchone()
+            if owner is not None and owner[0] != uid and uid != 0:
+                raise ProtocolError(
+                    "forbidden", f"run {run!r} belongs to uid {owner[0]}; connect as that user"
+                )
+            return store.register_stream(
+                run, rank, hello.world_size, hello.host, hello.pid or conn.peer.pid, uid,
+                hello.hook_version,
+            )
+
+        stream = await asyncio.wrap_future(self._writer.call(register))
+        conn.stream = stream
+        conn.name = f"{run}/rank {rank}"
+        self._live.add_stream(stream)
+        self._live.connected(stream.id, +1)
+        conn.send(protocol.json_frame(Kind.WELCOME, self._welcome(stream=stream.id)))
+        log.info("hook connected: run %s rank %d/%d pid %d uid %d host %s",
+                 run, rank, hello.world_size, conn.peer.pid, uid, hello.host)
+        body_timeout = self._settings().handshake_timeout_seconds
+        while (frame := await self._read_frame(conn, body_timeout)):
+            kind, payload = frame
+            if kind != Kind.SAMPLES:
+                raise ProtocolError("unexpected", f"a hook connection may send SAMPLES, not {kind.name}")
+            samples = self._decoder.decode(payload)
+            size = len(payload)
+            await self._budget.acquire(size)
+            self._outstanding += 1
+            self._all_acked.clear()
+            self._writer.submit(Write(stream.id, samples, self._on_committed(conn, samples.seq, size)))
+
+    def _on_committed(self, conn: Connection, seq: int, size: int) -> Done:
+        def done(error: BaseException | None) -> None:
+            self._budget.release(size)
+            self._outstanding -= 1
+            if not self._outstanding:
+                self._all_acked.set()
+            if error is None:
+                conn.send(protocol.ack_frame(seq))
+            elif not conn.closed:
+                self._metrics.rejected.labels("store_unavailable").inc()
+                conn.refuse("store_unavailable", f"store commit failed ({error}); resend later")
+
+        return done

@@ -1,0 +1,232 @@
+"""The node service: wires ingest → writer/store → live view → exporter, and owns signals.
+
+SIGTERM/SIGINT drain: stop reading, commit and acknowledge what was received, close.
+SIGHUP reloads the configuration; settings that need a new socket, store or exporter
+address are logged as needing a restart and keep their old value until then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import signal
+import socket
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from runwatch.daemon import __version__
+from runwatch.daemon import store as store_mod
+from runwatch.daemon.config import ConfigError, Settings
+from runwatch.daemon.exporter import REJECT_REASONS, DaemonMetrics, TrainCollector, serve
+from runwatch.daemon.ingest import Ingest
+from runwatch.daemon.live import LiveView
+from runwatch.daemon.store import Store, StoreError
+from runwatch.daemon.writer import Writer
+
+log = logging.getLogger("runwatch.daemon")
+
+RESTART_ONLY = ("socket", "socket_mode", "state_dir", "exporter_address", "exporter_port",
+                "exporter_enabled", "inflight_bytes")
+
+
+def _json_number(value: float) -> float | str:
+    """JSON has no NaN or Inf; a NaN loss is exactly what a user must see, so spell it."""
+    return value if math.isfinite(value) else str(value)
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says what to fix."""
+
+
+def prepare_socket(path: Path) -> None:
+    """Make the socket's folder, refuse to steal a live daemon's socket, clear a stale one."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(f"socket {path}: cannot create folder {path.parent}: {exc.strerror}") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise StartupError(f"socket {path}: folder {path.parent} is not writable by uid {os.geteuid()}")
+    if path.exists() or path.is_symlink():
+        if not path.is_socket():
+            raise StartupError(f"socket {path}: a file that is not a socket is in the way")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # stale: nobody is listening
+        else:
+            raise StartupError(f"socket {path}: another runwatch daemon is already listening there")
+        finally:
+            probe.close()
+
+
+class Daemon:
+    def __init__(self, settings: Settings, reload: Callable[[], Settings] | None = None,
+                 config_path: Path | None = None) -> None:
+        self.settings = settings
+        self._reload = reload
+        self._config_path = config_path
+        self._started = time.time()
+        self.exporter_url: str | None = None
+
+    def run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        s = self.settings
+        prepare_socket(s.socket)
+        try:
+            store = Store.open(s.store_path)
+        except StoreError as exc:
+            raise StartupError(str(exc)) from None
+        self._store = store
+        self.live = LiveView()
+        self._load_live(store)
+        self.registry = CollectorRegistry()
+        self.metrics = DaemonMetrics(self.registry)
+        self.registry.register(TrainCollector(self.live))
+
+        ingest: Ingest | None = None
+        writer = Writer(store, self.live, self.metrics, lambda results: ingest.notify(results))  # type: ignore[union-attr]
+        ingest = Ingest(lambda: self.settings, writer, self.live, self.metrics, self.query)
+        self._ingest = ingest
+        writer.start()
+        exporter = None
+        try:
+            try:
+                await ingest.listen(s.socket, s.socket_mode)
+            except OSError as exc:
+                raise StartupError(f"socket {s.socket}: cannot listen: {exc.strerror}") from None
+            if s.exporter_enabled:
+                try:
+                    exporter = serve(self.registry, s.exporter_address, s.exporter_port)
+                except OSError as exc:
+                    raise StartupError(
+                        f"exporter {s.exporter_address}:{s.exporter_port}: {exc.strerror}"
+                    ) from None
+                host = s.exporter_address
+                host = f"[{host}]" if ":" in host else host
+                self.exporter_url = f"http://{host}:{exporter.server_port}/metrics"
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(signal.SIGHUP, self._reload_settings)
+            log.info("runwatch %s listening on %s, exporter %s, store %s",
+                     __version__, s.socket, self.exporter_url or "off", s.store_path)
+            await stop.wait()
+            log.info("draining: no new frames; committing and acknowledging what was received")
+            ingest.stop_reading()
+            if not await ingest.wait_acked(timeout=30):
+                log.error("drain timed out; unacknowledged frames will be resent by the hooks")
+            await ingest.close_all()
+        finally:
+            writer.stop()
+            store.close()
+            if exporter is not None:
+                exporter.shutdown()
+                exporter.server_close()
+            with contextlib.suppress(OSError):
+                s.socket.unlink()
+        log.info("stopped cleanly")
+
+    def _load_live(self, store: Store) -> None:
+        sets = store_mod.metric_sets(store.conn)
+        for info in store_mod.streams(store.conn):
+            self.live.add_stream(info)
+        for stream_id, step, t, set_id, data in store_mod.latest_rows(store.conn):
+            self.live.load_row(stream_id, step, t, sets[set_id], data)
+
+    def _reload_settings(self) -> None:
+        if self._reload is None:
+            return
+        try:
+            new = self._reload()
+        except ConfigError as exc:
+            log.error("SIGHUP: configuration refused, keeping the running one: %s", exc)
+            return
+        kept = {k: getattr(self.settings, k) for k in RESTART_ONLY
+                if getattr(new, k) != getattr(self.settings, k)}
+        if kept:
+            log.warning("SIGHUP: %s change only after a restart", ", ".join(sorted(kept)))
+        self.settings = new.model_copy(update=kept)
+        logging.getLogger("runwatch").setLevel(self.settings.log_level.upper())
+        log.info("SIGHUP: configuration reloaded")
+
+    # -- queries from the CLI -----------------------------------------------------------
+
+    def query(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        if op == "status":
+            return self.status()
+        if op == "runs":
+            return {"runs": self.runs(include_gone=bool(request.get("all")))}
+        return {"error": f"unknown query op {op!r}; known: status, runs"}
+
+    def _sample(self, name: str, labels: dict[str, str] | None = None) -> int:
+        return int(self.registry.get_sample_value(name, labels or {}) or 0)
+
+    def status(self) -> dict[str, Any]:
+        s = self.settings
+        store_bytes = sum(
+            p.stat().st_size for p in (s.store_path, Path(f"{s.store_path}-wal")) if p.exists()
+        )
+        return {
+            "daemon": {
+                "version": __version__,
+                "pid": os.getpid(),
+                "uid": os.geteuid(),
+                "uptime_seconds": round(time.time() - self._started, 1),
+                "socket": str(s.socket),
+                "exporter": self.exporter_url,
+                "store": str(s.store_path),
+                "store_bytes": store_bytes,
+                "config": str(self._config_path) if self._config_path else None,
+            },
+            "ingest": {
+                "connections": self._ingest.connections,
+                "points_total": self._sample("runwatch_ingest_points_total"),
+                "frames_total": self._sample("runwatch_ingest_frames_total"),
+                "rejected_frames_total": {
+                    r: n for r in REJECT_REASONS
+                    if (n := self._sample("runwatch_ingest_rejected_frames_total", {"reason": r}))
+                },
+            },
+            "runs": {"live": len({st.info.run for st in self.live.live(s.live_run_seconds)})},
+        }
+
+    def runs(self, include_gone: bool = False) -> list[dict[str, Any]]:
+        streams = self.live.snapshot() if include_gone else self.live.live(self.settings.live_run_seconds)
+        by_run: dict[str, list[Any]] = defaultdict(list)
+        for st in streams:
+            by_run[st.info.run].append(st)
+        now = time.time()
+        out = []
+        for run, ranks in sorted(by_run.items()):
+            ranks.sort(key=lambda st: st.info.rank)
+            reporting = [st for st in ranks if st.last_step >= 0]
+            first = reporting[0] if reporting else ranks[0]
+            out.append({
+                "run": run,
+                "ranks": [st.info.rank for st in ranks],
+                "world_size": max(st.info.world_size for st in ranks),
+                "connected": sum(1 for st in ranks if st.connections > 0),
+                "hosts": sorted({st.info.host for st in ranks}),
+                "last_step": max((st.last_step for st in ranks), default=-1),
+                "steps_per_second": round(
+                    sum(st.steps_per_second for st in reporting) / len(reporting), 3
+                ) if reporting else 0.0,
+                "seconds_since_last_step": round(now - max(st.last_time for st in ranks), 1)
+                if reporting else None,
+                "latest": {k: _json_number(v) for k, v in first.latest.items()},
+                "latest_rank": first.info.rank,
+            })
+        return out

@@ -1,0 +1,245 @@
+"""The daemon's SQLite store (WAL): runs, their rank streams, and every sample.
+
+Layout. A *stream* is one (run, rank). Each step of a stream is one row of ``samples``
+holding all the metrics the hook reported for that step as a little-endian float64 blob,
+whose column names are the row's *metric set*. One row per step, not per point, is what
+lets a Python daemon store millions of points a second (a row per point costs ~2 µs of
+binding each; see BENCHMARKS.md). Ingest is idempotent on (stream, step): the unique index
+makes a replayed step a no-op, so (run, rank, step, metric) is never stored twice.
+
+NaN and ±Inf survive the blob unchanged (SQLite would turn a REAL NaN into NULL).
+
+Threading: the writer thread owns the write connection (:meth:`Store.open` in that
+thread, or pass ``check_same_thread=False`` users); readers open their own connection
+with :meth:`Store.reader`. WAL lets them read while the writer commits.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sqlite_utils
+
+SCHEMA_VERSION = 1
+
+
+class StoreError(Exception):
+    """The store cannot be opened or written; the message says which file and why."""
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    id: int
+    run: str
+    rank: int
+    world_size: int
+    host: str
+    pid: int
+    uid: int
+    hook_version: str
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, check_same_thread=False, timeout=30.0)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # NORMAL in WAL mode is durable against a crash of this process (kill -9); only an
+    # OS crash or power loss can drop the last commits. That is the guarantee we ack on.
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+class Store:
+    """Owns the schema and the write path. Not thread-safe: one writer thread uses it."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection) -> None:
+        self.path = path
+        self.conn = conn
+        self.db = sqlite_utils.Database(conn)
+        self._metric_sets: dict[tuple[str, ...], int] = {}
+        self._run_ids: dict[str, int] = {}
+
+    # -- opening ----------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path) -> Store:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            store = cls(path, _connect(path))
+            store._create_schema()
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"store {path}: {exc}") from None
+        return store
+
+    @classmethod
+    def reader(cls, path: Path) -> sqlite3.Connection:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
+
+    def _create_schema(self) -> None:
+        db = self.db
+        with self.conn:
+            db["meta"].create({"key": str, "value": str}, pk="key", if_not_exists=True)
+            db["runs"].create(
+                {"id": int, "name": str, "owner_uid": int, "created": float},
+                pk="id",
+                not_null={"name"},
+                if_not_exists=True,
+            )
+            db["runs"].create_index(["name"], unique=True, if_not_exists=True)
+            db["streams"].create(
+                {
+                    "id": int,
+                    "run_id": int,
+                    "rank": int,
+                    "world_size": int,
+                    "host": str,
+                    "pid": int,
+                    "uid": int,
+                    "hook_version": str,
+                    "first_seen": float,
+                    "last_seen": float,
+                },
+                pk="id",
+                not_null={"run_id", "rank"},
+                foreign_keys=[("run_id", "runs", "id")],
+                if_not_exists=True,
+            )
+            db["streams"].create_index(["run_id", "rank"], unique=True, if_not_exists=True)
+            db["metric_sets"].create(
+                {"id": int, "names": str}, pk="id", not_null={"names"}, if_not_exists=True
+            )
+            db["metric_sets"].create_index(["names"], unique=True, if_not_exists=True)
+            self.conn.execute(
+                "CREATE TABLE IF NOT EXISTS samples ("
+                " stream_id INTEGER NOT NULL REFERENCES streams(id),"
+                " step INTEGER NOT NULL,"
+                " time REAL NOT NULL,"
+                " metric_set_id INTEGER NOT NULL REFERENCES metric_sets(id),"
+                " data BLOB NOT NULL,"
+                " UNIQUE (stream_id, step))"
+            )
+            db["meta"].upsert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
+        for set_id, names in self.conn.execute("SELECT id, names FROM metric_sets"):
+            self._metric_sets[tuple(names.split("\n"))] = set_id
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- writes (writer thread) -------------------------------------------------------
+
+    def register_stream(
+        self,
+        run: str,
+        rank: int,
+        world_size: int,
+        host: str,
+        pid: int,
+        uid: int,
+        hook_version: str,
+    ) -> StreamInfo:
+        now = time.time()
+        with self.conn:
+            run_id = self._run_ids.get(run)
+            if run_id is None:
+                row = self.conn.execute("SELECT id FROM runs WHERE name = ?", (run,)).fetchone()
+                if row is None:
+                    cur = self.conn.execute(
+                        "INSERT INTO runs (name, owner_uid, created) VALUES (?, ?, ?)",
+                        (run, uid, now),
+                    )
+                    run_id = int(cur.lastrowid or 0)
+                else:
+                    run_id = int(row[0])
+                self._run_ids[run] = run_id
+            self.conn.execute(
+                "INSERT INTO streams (run_id, rank, world_size, host, pid, uid, hook_version,"
+                " first_seen, last_seen) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (run_id, rank) DO UPDATE SET world_size = excluded.world_size,"
+                " host = excluded.host, pid = excluded.pid, uid = excluded.uid,"
+                " hook_version = excluded.hook_version, last_seen = excluded.last_seen",
+                (run_id, rank, world_size, host, pid, uid, hook_version, now, now),
+            )
+            stream_id = self.conn.execute(
+                "SELECT id FROM streams WHERE run_id = ? AND rank = ?", (run_id, rank)
+            ).fetchone()[0]
+        return StreamInfo(int(stream_id), run, rank, world_size, host, pid, uid, hook_version)
+
+    def metric_set_id(self, names: tuple[str, ...]) -> int:
+        """Intern a metric set. Call inside the writer's transaction."""
+        set_id = self._metric_sets.get(names)
+        if set_id is None:
+            joined = "\n".join(names)
+            self.conn.execute("INSERT OR IGNORE INTO metric_sets (names) VALUES (?)", (joined,))
+            set_id = int(
+                self.conn.execute("SELECT id FROM metric_sets WHERE names = ?", (joined,)).fetchone()[0]
+            )
+            self._metric_sets[names] = set_id
+        return set_id
+
+    def insert_rows(self, rows: Iterable[tuple[int, int, float, int, bytes | memoryview]]) -> None:
+        """Rows of (stream_id, step, time, metric_set_id, data). Call inside a transaction."""
+        self.conn.executemany("INSERT OR IGNORE INTO samples VALUES (?, ?, ?, ?, ?)", rows)
+
+    def touch_streams(self, last_seen: Sequence[tuple[float, int]]) -> None:
+        self.conn.executemany("UPDATE streams SET last_seen = ? WHERE id = ?", last_seen)
+
+
+# -- reads (any thread, own connection) -------------------------------------------------
+
+
+def metric_sets(conn: sqlite3.Connection) -> dict[int, tuple[str, ...]]:
+    return {i: tuple(n.split("\n")) for i, n in conn.execute("SELECT id, names FROM metric_sets")}
+
+
+def streams(conn: sqlite3.Connection) -> list[StreamInfo]:
+    rows = conn.execute(
+        "SELECT s.id, r.name, s.rank, s.world_size, s.host, s.pid, s.uid, s.hook_version"
+        " FROM streams s JOIN runs r ON r.id = s.run_id ORDER BY r.name, s.rank"
+    )
+    return [StreamInfo(*row) for row in rows]
+
+
+def latest_rows(conn: sqlite3.Connection) -> list[tuple[int, int, float, int, bytes]]:
+    """The newest stored row of every (stream, metric set): what the exporter shows at start."""
+    return conn.execute(
+        "SELECT stream_id, MAX(step), time, metric_set_id, data FROM samples"
+        " GROUP BY stream_id, metric_set_id"
+    ).fetchall()
+
+
+def series(conn: sqlite3.Connection, run: str, rank: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of one metric of one rank, in step order."""
+    sets = {i: names.index(metric) for i, names in metric_sets(conn).items() if metric in names}
+    if not sets:
+        return np.empty(0, dtype=np.int64), np.empty(0)
+    rows = conn.execute(
+        "SELECT step, metric_set_id, data FROM samples WHERE stream_id = ("
+        " SELECT s.id FROM streams s JOIN runs r ON r.id = s.run_id WHERE r.name = ? AND s.rank = ?)"
+        " ORDER BY step",
+        (run, rank),
+    ).fetchall()
+    steps, values = [], []
+    for step, set_id, data in rows:
+        col = sets.get(set_id)
+        if col is not None:
+            steps.append(step)
+            values.append(np.frombuffer(data, dtype="<f8")[col])
+    return np.asarray(steps, dtype=np.int64), np.asarray(values, dtype=np.float64)
+
+
+def count_points(conn: sqlite3.Connection) -> int:
+    """Points stored: each row holds as many points as its metric set has names."""
+    sizes = {i: len(n) for i, n in metric_sets(conn).items()}
+    total = 0
+    for set_id, n_rows in conn.execute(
+        "SELECT metric_set_id, COUNT(*) FROM samples GROUP BY metric_set_id"
+    ):
+        total += sizes[set_id] * n_rows
+    return total

@@ -1,0 +1,201 @@
+"""End to end with real processes: a CPU training with the hook → daemon → SQLite → /metrics."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runwatch.daemon.store import Store, count_points, series
+from tests.conftest import DaemonProcess
+
+pytest.importorskip("torch")
+
+
+def _train(daemon: DaemonProcess, run: str, steps: int, record: Path, *extra: str,
+           step_times: Path | None = None) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "runwatch.hooks.tinygpt", "--run", run, "--steps", str(steps),
+           "--socket", str(daemon.socket), "--record", str(record), *extra]
+    if step_times:
+        cmd += ["--step-times", str(step_times)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _metric_line(text: str, name: str, **labels: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} {labels} not exported")
+
+
+def test_points_stored_and_exported_are_the_points_sent(daemon: DaemonProcess, rootdir: Path) -> None:
+    record = rootdir / "record.jsonl"
+    proc = _train(daemon, "e2e", 120, record)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out
+    sent = _records(record)
+    conn = Store.reader(daemon.store_path)
+
+    steps, loss = series(conn, "e2e", 0, "loss")
+    assert steps.tolist() == list(range(120))
+    np.testing.assert_allclose(loss, [r["loss"] for r in sent], rtol=1e-6)
+    steps, gn = series(conn, "e2e", 0, "grad_norm")
+    assert steps.tolist() == list(range(120))
+    np.testing.assert_allclose(gn, [r["grad_norm"] for r in sent], rtol=1e-5)
+    steps, lr = series(conn, "e2e", 0, "learning_rate/0")
+    np.testing.assert_allclose(lr, [r["learning_rate"] for r in sent], rtol=1e-12)
+    steps, dt = series(conn, "e2e", 0, "step_duration_seconds")
+    assert steps.tolist() == list(range(1, 120)) and bool(np.all(dt > 0))
+    # loss, grad norm and lr every step, step time from the second step: nothing else, nothing twice.
+    assert count_points(conn) == 3 * 120 + 119
+
+    text = daemon.metrics_text()
+    assert _metric_line(text, "runwatch_train_step", run="e2e", rank="0") == 119
+    assert _metric_line(text, "runwatch_train_loss", run="e2e") == pytest.approx(sent[-1]["loss"], rel=1e-6)
+    assert _metric_line(text, "runwatch_train_grad_norm", run="e2e") == pytest.approx(
+        sent[-1]["grad_norm"], rel=1e-5)
+    assert _metric_line(text, "runwatch_train_learning_rate", run="e2e", param_group="0") == \
+        pytest.approx(sent[-1]["learning_rate"], rel=1e-12)
+    assert f"runwatch_ingest_points_total {float(3 * 120 + 119)}" in text
+
+    runs = daemon.query("runs", all=True)["runs"]
+    assert [r["run"] for r in runs] == ["e2e"]
+    assert runs[0]["last_step"] == 119 and runs[0]["latest"]["loss"] == pytest.approx(sent[-1]["loss"], rel=1e-6)
+
+
+def test_cli_status_and_runs_json(daemon: DaemonProcess, rootdir: Path) -> None:
+    record = rootdir / "r.jsonl"
+    proc = _train(daemon, "cli-run", 40, record, "--sleep", "0.05")
+    try:
+        deadline = time.monotonic() + 60
+        runs: list = []
+        while time.monotonic() < deadline and not runs:
+            r = subprocess.run([sys.executable, "-m", "runwatch.daemon", "runs", "--json",
+                                "--socket", str(daemon.socket)], capture_output=True, text=True)
+            assert r.returncode == 0, r.stderr
+            runs = [x for x in json.loads(r.stdout) if x["last_step"] >= 0]
+            time.sleep(0.2)
+        assert runs and runs[0]["run"] == "cli-run" and runs[0]["connected"] == 1
+        assert runs[0]["steps_per_second"] > 0
+        r = subprocess.run([sys.executable, "-m", "runwatch.daemon", "runs",
+                            "--socket", str(daemon.socket)], capture_output=True, text=True)
+        assert "cli-run" in r.stdout and "1/1" in r.stdout
+    finally:
+        proc.communicate(timeout=120)
+    r = subprocess.run([sys.executable, "-m", "runwatch.daemon", "status", "--json",
+                        "--socket", str(daemon.socket)], capture_output=True, text=True)
+    status = json.loads(r.stdout)
+    assert status["reachable"] and status["daemon"]["socket"] == str(daemon.socket)
+    assert status["daemon"]["exporter"].startswith("http://127.0.0.1:")
+    r = subprocess.run([sys.executable, "-m", "runwatch.daemon", "status", "--json",
+                        "--socket", str(Path(daemon.root) / "nobody.sock")], capture_output=True, text=True)
+    assert r.returncode == 1 and json.loads(r.stdout)["reachable"] is False
+
+
+@pytest.mark.slow
+def test_kill9_daemon_mid_run_loses_nothing_and_never_stalls_a_step(
+        daemon: DaemonProcess, rootdir: Path) -> None:
+    record, times = rootdir / "record.jsonl", rootdir / "times.json"
+    steps = 400
+    proc = _train(daemon, "kill9", steps, record, "--sleep", "0.01", "--flush-every", "4",
+                  step_times=times)
+    for _ in range(2):
+        time.sleep(1.5)
+        daemon.kill9()
+        time.sleep(1.0)  # the hook spools while nobody listens
+        daemon.start()
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    conn = Store.reader(daemon.store_path)
+    got, loss = series(conn, "kill9", 0, "loss")
+    assert got.tolist() == list(range(steps)), "every step arrives exactly once"
+    np.testing.assert_allclose(loss, [r["loss"] for r in _records(record)], rtol=1e-6)
+    assert count_points(conn) == 3 * steps + steps - 1
+    step_times = json.loads(times.read_text())
+    worst = max(step_times)
+    print(f"\nkill -9 x2: {steps} steps, worst step {worst * 1000:.1f} ms (step "
+          f"{step_times.index(worst)}), median {sorted(step_times)[steps // 2] * 1000:.1f} ms")
+    assert worst < 0.5, f"a training step took {worst:.3f}s while the daemon was down"
+
+
+def test_daemon_absent_at_start_then_arrives(rootdir: Path) -> None:
+    d = DaemonProcess(rootdir)
+    record = rootdir / "record.jsonl"
+    proc = _train(d, "late", 60, record, "--sleep", "0.02")
+    time.sleep(2.0)  # training is running with no daemon at all
+    d.start()
+    try:
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out
+        steps, _ = series(Store.reader(d.store_path), "late", 0, "loss")
+        assert steps.tolist() == list(range(60))
+    finally:
+        d.terminate()
+
+
+def test_sigterm_drains_and_exits_cleanly(daemon: DaemonProcess, rootdir: Path) -> None:
+    record = rootdir / "r.jsonl"
+    proc = _train(daemon, "drain", 200, record, "--sleep", "0.005", "--flush-every", "2")
+    time.sleep(2.0)
+    assert daemon.terminate() == 0
+    assert "stopped cleanly" in daemon.log()
+    assert not daemon.socket.exists()
+    daemon.start()
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    steps, _ = series(Store.reader(daemon.store_path), "drain", 0, "loss")
+    assert steps.tolist() == list(range(200))
+
+
+def test_sighup_reloads_configuration(rootdir: Path) -> None:
+    cfg = rootdir / "runwatch.toml"
+    cfg.write_text('log_level = "info"\n')
+    d = DaemonProcess(rootdir, ["--config", str(cfg)]).start()
+    try:
+        cfg.write_text('log_level = "debug"\nsocket_mode = "0600"\n')
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while "configuration reloaded" not in d.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        log = d.log()
+        assert "configuration reloaded" in log and "socket_mode change only after a restart" in log
+        cfg.write_text("exporter_port = nonsense\n")
+        d.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while "configuration refused" not in d.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "configuration refused, keeping the running one" in d.log()
+        assert d.status()["daemon"]["pid"] == d.proc.pid
+    finally:
+        d.terminate()
+
+
+def test_training_never_waits_for_a_stalled_daemon(daemon: DaemonProcess, rootdir: Path) -> None:
+    """SIGSTOP the daemon: the socket accepts but nobody reads; steps must not slow down."""
+    assert daemon.proc is not None
+    record, times = rootdir / "r.jsonl", rootdir / "t.json"
+    proc = _train(daemon, "stalled", 300, record, "--flush-every", "1", "--sleep", "0.005",
+                  step_times=times)
+    stop = threading.Timer(1.0, lambda: daemon.proc.send_signal(signal.SIGSTOP))  # type: ignore[union-attr]
+    cont = threading.Timer(5.0, lambda: daemon.proc.send_signal(signal.SIGCONT))  # type: ignore[union-attr]
+    stop.start()
+    cont.start()
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out
+    worst = max(json.loads(times.read_text()))
+    print(f"\ndaemon stopped for 4s: worst step {worst * 1000:.1f} ms")
+    assert worst < 0.5
+    steps, _ = series(Store.reader(daemon.store_path), "stalled", 0, "loss")
+    assert steps.tolist() == list(range(300))

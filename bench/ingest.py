@@ -36,6 +36,8 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import queue
+import shutil
 import signal
 import socket
 import sqlite3
@@ -86,6 +88,8 @@ class Config:
     client_cpu: int
     ceiling_batch_frames: int | None
     ceiling_max_points: int
+    ceiling_repeats: int
+    folder: Path | None
     seed: int
     as_json: bool
 
@@ -110,11 +114,18 @@ def parse_args(argv: list[str] | None = None) -> Config:
                    help="frames per ceiling transaction (default: the daemon's mean frames per commit)")
     p.add_argument("--ceiling-max-points", type=int, default=200_000_000,
                    help="at most this many points are inserted for the ceiling (default 200M)")
+    p.add_argument("--ceiling-repeats", type=int, default=3,
+                   help="ceiling trials, each into a fresh store; the median is reported (default 3)")
+    p.add_argument("--dir", type=Path, default=None,
+                   help="where the temporary stores go (default: the system temp folder; "
+                        "/dev/shm takes the disk out of both measurements)")
     p.add_argument("--seed", type=int, default=0, help="seed of the metric values")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     a = p.parse_args(argv)
-    if min(a.metrics, a.steps_per_frame, a.ranks, a.window) < 1 or a.duration <= 0 or a.warmup < 0:
-        p.error("--metrics, --steps-per-frame, --ranks and --window must be >= 1; --duration > 0")
+    counts = (a.metrics, a.steps_per_frame, a.ranks, a.window, a.ceiling_repeats)
+    if min(counts) < 1 or a.duration <= 0 or a.warmup < 0:
+        p.error("--metrics, --steps-per-frame, --ranks, --window and --ceiling-repeats must be >= 1;"
+                " --duration > 0")
     if a.metrics > protocol.MAX_METRICS_PER_BLOCK:
         p.error(f"--metrics is at most {protocol.MAX_METRICS_PER_BLOCK} (one block per frame)")
     cpus = os.sched_getaffinity(0)
@@ -123,7 +134,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
             p.error(f"{flag} {cpu}: this process may only use CPUs {sorted(cpus)}")
     return Config(a.metrics, a.steps_per_frame, a.ranks, a.duration, a.warmup, a.window,
                   a.daemon_cpu, a.client_cpu, a.ceiling_batch_frames, a.ceiling_max_points,
-                  a.seed, a.json)
+                  a.ceiling_repeats, a.dir, a.seed, a.json)
 
 
 # -- frames -----------------------------------------------------------------------------
@@ -368,6 +379,50 @@ def stop_daemon(daemon: Daemon, timeout: float = 60.0) -> None:
 
 
 @dataclass(frozen=True)
+class CoreTicks:
+    """One CPU's counters from /proc/stat, in clock ticks."""
+
+    busy: int
+    iowait: int
+    idle: int
+    steal: int
+
+    @classmethod
+    def read(cls, cpu: int) -> CoreTicks:
+        for line in Path("/proc/stat").read_text().splitlines():
+            if line.startswith(f"cpu{cpu} "):
+                user, nice, system, idle, iowait, irq, softirq, steal = map(int, line.split()[1:9])
+                return cls(user + nice + system + irq + softirq, iowait, idle, steal)
+        raise BenchError(f"CPU {cpu} is not in /proc/stat")
+
+    def __sub__(self, other: CoreTicks) -> CoreTicks:
+        return CoreTicks(self.busy - other.busy, self.iowait - other.iowait, self.idle - other.idle,
+                         self.steal - other.steal)
+
+
+@dataclass(frozen=True)
+class CoreLoad:
+    """How one CPU spent an interval, as fractions: the measured code, other processes, rest."""
+
+    measured: float
+    others: float
+    iowait: float
+    idle: float
+    steal: float
+
+    @classmethod
+    def between(cls, before: CoreTicks, after: CoreTicks, measured_cpu_seconds: float) -> CoreLoad:
+        d = after - before
+        total = max(1, d.busy + d.iowait + d.idle + d.steal)
+        measured = min(measured_cpu_seconds * _CLK_TCK, d.busy) / total
+        return cls(measured, d.busy / total - measured, d.iowait / total, d.idle / total, d.steal / total)
+
+    def describe(self, who: str) -> str:
+        return (f"{who} {self.measured:.0%}, other processes {self.others:.0%}, idle {self.idle:.0%},"
+                f" I/O wait {self.iowait:.0%}, stolen by the hypervisor {self.steal:.0%}")
+
+
+@dataclass(frozen=True)
 class CpuTimes:
     """Seconds of CPU used by the daemon: the event-loop (main) thread and all the others."""
 
@@ -450,6 +505,7 @@ class IngestResult:
     daemon_loop_cpu_seconds: float
     daemon_other_threads_cpu_seconds: float
     points_per_daemon_cpu_second: float
+    core: CoreLoad
     commits: float
     frames_per_commit: float
     mean_commit_ms: float
@@ -477,6 +533,7 @@ def run_ingest(cfg: Config, names: tuple[str, ...], values: np.ndarray, folder: 
         result.points_stored = count_points(conn)
     finally:
         conn.close()
+    shutil.rmtree(daemon.store_path.parent)  # its pending writeback must not slow the ceiling down
     return result
 
 
@@ -501,10 +558,14 @@ def drive_clients(cfg: Config, names: tuple[str, ...], values: np.ndarray, daemo
         go.set()
         when = Schedule.starting(start, cfg.warmup, cfg.duration)
         sleep_until(when.measure_from)
-        cpu0, counters0 = daemon_cpu(daemon.proc.pid), daemon_counters(daemon.socket_path)
+        counters0 = daemon_counters(daemon.socket_path)
+        cpu0, core0 = daemon_cpu(daemon.proc.pid), CoreTicks.read(cfg.daemon_cpu)
         sleep_until(when.end)
-        cpu1, counters1 = daemon_cpu(daemon.proc.pid), daemon_counters(daemon.socket_path)
+        cpu1, core1 = daemon_cpu(daemon.proc.pid), CoreTicks.read(cfg.daemon_cpu)
+        counters1 = daemon_counters(daemon.socket_path)
         client_results = [ClientResult(**results.get(timeout=120)) for _ in procs]
+    except queue.Empty:
+        raise BenchError(f"a client did not report within 120 s\ndaemon log:\n{daemon.log_tail()}") from None
     finally:
         for proc in procs:
             proc.join(timeout=30)
@@ -513,10 +574,12 @@ def drive_clients(cfg: Config, names: tuple[str, ...], values: np.ndarray, daemo
     errors = [f"rank {r.rank}: {r.error}" for r in client_results if r.error]
     if errors:
         raise BenchError("client failed: " + "; ".join(errors) + f"\ndaemon log:\n{daemon.log_tail()}")
-    return summarize(cfg, client_results, cpu1 - cpu0, counters1 - counters0)
+    core = CoreLoad.between(core0, core1, (cpu1 - cpu0).total)
+    return summarize(cfg, client_results, cpu1 - cpu0, core, counters1 - counters0)
 
 
-def summarize(cfg: Config, clients: list[ClientResult], cpu: CpuTimes, counters: Counters) -> IngestResult:
+def summarize(cfg: Config, clients: list[ClientResult], cpu: CpuTimes, core: CoreLoad,
+              counters: Counters) -> IngestResult:
     measured = sum(r.points_acked_measured for r in clients)
     commits = counters.commits
     return IngestResult(
@@ -530,6 +593,7 @@ def summarize(cfg: Config, clients: list[ClientResult], cpu: CpuTimes, counters:
         daemon_loop_cpu_seconds=cpu.loop,
         daemon_other_threads_cpu_seconds=cpu.others,
         points_per_daemon_cpu_second=measured / cpu.total if cpu.total > 0 else float("nan"),
+        core=core,
         commits=commits,
         frames_per_commit=counters.frames / commits if commits else float("nan"),
         mean_commit_ms=1000 * counters.commit_seconds / commits if commits else float("nan"),
@@ -544,14 +608,26 @@ Row = tuple[int, int, float, int, bytes]
 
 
 @dataclass
+class CeilingTrial:
+    points_per_second: float
+    seconds: float
+    cpu_seconds: float
+    core: CoreLoad
+
+
+@dataclass
 class CeilingResult:
+    """The median of ``trials``, each into a fresh store."""
+
     points_per_second: float
     points: int
     rows: int
     seconds: float
     cpu_seconds: float
+    core: CoreLoad
     batch_frames: int
     transactions: int
+    trials: list[CeilingTrial]
 
 
 def ceiling_batches(frames_per_rank: list[int], stream_ids: list[int], set_id: int, values: np.ndarray,
@@ -586,32 +662,48 @@ def cap_frames(frames_per_rank: list[int], points_per_frame: int, max_points: in
 
 def run_ceiling(cfg: Config, names: tuple[str, ...], values: np.ndarray, frames_per_rank: list[int],
                 batch_frames: int, folder: Path) -> CeilingResult:
-    store = Store.open(folder / "ceiling" / "runwatch.db")
+    frames = cap_frames(frames_per_rank, cfg.points_per_frame, cfg.ceiling_max_points)
+    trials: list[CeilingTrial] = []
+    rows = transactions = 0
+    for n in range(cfg.ceiling_repeats):
+        path = folder / f"ceiling-{n}" / "runwatch.db"
+        rows, transactions, seconds, cpu_seconds, core = ceiling_trial(
+            cfg, names, values, frames, batch_frames, path)
+        trials.append(CeilingTrial(rows * cfg.metrics / seconds, seconds, cpu_seconds, core))
+        shutil.rmtree(path.parent)
+    median = sorted(trials, key=lambda t: t.points_per_second)[len(trials) // 2]
+    return CeilingResult(median.points_per_second, rows * cfg.metrics, rows, median.seconds,
+                         median.cpu_seconds, median.core, batch_frames, transactions, trials)
+
+
+def ceiling_trial(cfg: Config, names: tuple[str, ...], values: np.ndarray, frames_per_rank: list[int],
+                  batch_frames: int, path: Path) -> tuple[int, int, float, float, CoreLoad]:
+    """Rows, transactions, wall and CPU seconds and the CPU's load, of one timed insert."""
+    store = Store.open(path)
     try:
         stream_ids = [store.register_stream(RUN_NAME, rank, cfg.ranks, platform.node(), os.getpid(),
                                             os.getuid(), "bench").id for rank in range(cfg.ranks)]
         with store.conn:
             set_id = store.metric_set_id(names)
-        frames = cap_frames(frames_per_rank, cfg.points_per_frame, cfg.ceiling_max_points)
-        batches = list(ceiling_batches(frames, stream_ids, set_id, values, batch_frames, time.time()))
-        seconds, cpu_seconds = time_inserts(store, batches, cfg.daemon_cpu)
+        batches = list(ceiling_batches(frames_per_rank, stream_ids, set_id, values, batch_frames,
+                                       time.time()))
+        seconds, cpu_seconds, core = time_inserts(store, batches, cfg.daemon_cpu)
     finally:
         store.close()
-    rows = sum(len(b) for b in batches)
-    points = rows * cfg.metrics
-    return CeilingResult(points / seconds, points, rows, seconds, cpu_seconds, batch_frames, len(batches))
+    return sum(len(b) for b in batches), len(batches), seconds, cpu_seconds, core
 
 
-def time_inserts(store: Store, batches: list[list[Row]], cpu: int) -> tuple[float, float]:
+def time_inserts(store: Store, batches: list[list[Row]], cpu: int) -> tuple[float, float, CoreLoad]:
     """Wall and CPU seconds of inserting and committing every batch, pinned to ``cpu``."""
     before = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {cpu})
     try:
-        cpu0, t0 = time.process_time(), time.perf_counter()
+        core0, cpu0, t0 = CoreTicks.read(cpu), time.process_time(), time.perf_counter()
         for batch in batches:
             with store.conn:
                 store.insert_rows(batch)
-        return time.perf_counter() - t0, time.process_time() - cpu0
+        seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
+        return seconds, cpu_seconds, CoreLoad.between(core0, CoreTicks.read(cpu), cpu_seconds)
     finally:
         os.sched_setaffinity(0, before)
 
@@ -686,8 +778,10 @@ def format_report(r: Report) -> str:
         f"  ({i.points_measured:,} points in {i.seconds:g} s)",
         f"  daemon CPU           {i.daemon_cpu_seconds:>14.2f} s"
         f"  ({100 * i.daemon_cpu_seconds / i.seconds:.0f}% of one core: event loop"
-        f" {i.daemon_loop_cpu_seconds:.2f} s, other threads {i.daemon_other_threads_cpu_seconds:.2f} s)",
+        f" {i.daemon_loop_cpu_seconds:.2f} s, writer and exporter threads"
+        f" {i.daemon_other_threads_cpu_seconds:.2f} s)",
         f"  per daemon CPU-s     {i.points_per_daemon_cpu_second:>14,.0f} points",
+        f"  CPU {c['daemon_cpu']}                {i.core.describe('daemon')}",
         f"  commits              {i.commits:>14,.0f}  ({i.frames_per_commit:.1f} frames each,"
         f" mean {i.mean_commit_ms:.2f} ms; writer in commit {100 * i.writer_commit_busy_fraction:.0f}%"
         " of the time)",
@@ -698,7 +792,11 @@ def format_report(r: Report) -> str:
         f"  rate                 {ce.points_per_second:>14,.0f} points/s"
         f"  ({ce.points:,} points, {ce.rows:,} rows in {ce.seconds:.2f} s,"
         f" CPU {ce.cpu_seconds:.2f} s)",
+        f"  per CPU-s            {ce.points / ce.cpu_seconds:>14,.0f} points",
+        f"  CPU {c['daemon_cpu']}                {ce.core.describe('inserts')}",
         f"  transactions         {ce.transactions:>14,}  ({ce.batch_frames} frames each)",
+        f"  trials               {len(ce.trials):>14}  (median shown; "
+        + ", ".join(f"{t.points_per_second:,.0f}" for t in ce.trials) + " points/s)",
         "",
         "targets",
         f"  ingest / ceiling     {r.ratio:>14.2f}   target >= {TARGET_RATIO:g}: {_met(r.meets_ratio)}",
@@ -715,12 +813,13 @@ def benchmark(cfg: Config) -> Report:
     names = metric_names(cfg.metrics)
     values = step_values(names, cfg.steps_per_frame, cfg.seed)
     template = FrameTemplate.build(names, values)
-    with tempfile.TemporaryDirectory(prefix="runwatch-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="runwatch-bench-", dir=cfg.folder) as tmp:
         folder = Path(tmp)
         ingest = run_ingest(cfg, names, values, folder)
         batch_frames = cfg.ceiling_batch_frames or max(1, round(ingest.frames_per_commit))
         ceiling = run_ceiling(cfg, names, values, ingest.frames_acked_per_rank, batch_frames, folder)
-    config = {k: v for k, v in asdict(cfg).items() if k != "as_json"}
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items() if k != "as_json"}
+    config["folder"] = str(cfg.folder or tempfile.gettempdir())
     return Report(machine(), config, template.n_points, len(template.data), ingest, ceiling)
 
 

@@ -71,7 +71,8 @@ def test_points_stored_and_exported_are_the_points_sent(daemon: DaemonProcess, r
 
     runs = daemon.query("runs", all=True)["runs"]
     assert [r["run"] for r in runs] == ["e2e"]
-    assert runs[0]["last_step"] == 119 and runs[0]["latest"]["loss"] == pytest.approx(sent[-1]["loss"], rel=1e-6)
+    assert runs[0]["last_step"] == 119
+    assert runs[0]["latest"]["loss"] == pytest.approx(sent[-1]["loss"], rel=1e-6)
 
 
 def test_cli_status_and_runs_json(daemon: DaemonProcess, rootdir: Path) -> None:

@@ -418,7 +418,7 @@ class CoreLoad:
         return cls(measured, d.busy / total - measured, d.iowait / total, d.idle / total, d.steal / total)
 
     def describe(self, who: str) -> str:
-        return (f"{who} {self.measured:.0%}, other processes {self.others:.0%}, idle {self.idle:.0%},"
+        return (f"{who} {self.measured:.0%}, other tasks {self.others:.0%}, idle {self.idle:.0%},"
                 f" I/O wait {self.iowait:.0%}, stolen by the hypervisor {self.steal:.0%}")
 
 

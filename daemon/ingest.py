@@ -23,6 +23,7 @@ from typing import Any
 from runwatch.daemon import __version__, protocol
 from runwatch.daemon.config import Settings
 from runwatch.daemon.exporter import DaemonMetrics
+from runwatch.daemon.handshake import Hello, decode_hello
 from runwatch.daemon.live import LiveView
 from runwatch.daemon.protocol import Kind, ProtocolError
 from runwatch.daemon.store import StreamInfo
@@ -224,7 +225,7 @@ class Ingest:
         kind, payload = first
         if kind != Kind.HELLO:
             raise ProtocolError("bad_handshake", f"first frame must be HELLO, got {kind.name}")
-        hello = protocol.decode_hello(payload)
+        hello = decode_hello(payload)
         conn.role = hello.role
         self._metrics.connections.labels(hello.role).inc()
         if hello.role == "cli":
@@ -256,7 +257,7 @@ class Ingest:
             conn.send(protocol.json_frame(Kind.REPLY, reply))
             await conn.writer.drain()
 
-    async def _serve_hook(self, conn: Connection, hello: protocol.Hello) -> None:
+    async def _serve_hook(self, conn: Connection, hello: Hello) -> None:
         assert hello.run is not None
         run, rank, uid = hello.run, hello.rank, conn.peer.uid
 

@@ -24,7 +24,8 @@ Metric keys are ``base`` or ``base/sub``: ``base`` is snake_case (it becomes the
 Prometheus name ``runwatch_train_<base>``) and ``sub`` is a free label value such as a
 parameter group or layer name.
 
-This module is shared by the daemon and the hook; it needs numpy and pydantic, never torch.
+This module is shared by the daemon and the hook; it needs only numpy (the daemon validates
+the HELLO with pydantic in :mod:`runwatch.daemon.handshake`).
 """
 
 from __future__ import annotations
@@ -34,10 +35,9 @@ import re
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct("<IB")
@@ -68,31 +68,6 @@ class ProtocolError(Exception):
         super().__init__(f"{code}: {detail}")
         self.code = code
         self.detail = detail
-
-
-class Hello(BaseModel):
-    """The handshake. A hook names its run and rank; a CLI client only its role."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    protocol: int
-    role: Literal["hook", "cli"]
-    run: str | None = None
-    rank: int = Field(default=0, ge=0)
-    world_size: int = Field(default=1, ge=1)
-    host: str = Field(default="", max_length=255)
-    pid: int = Field(default=0, ge=0)
-    hook_version: str = Field(default="", max_length=64)
-
-    @field_validator("run")
-    @classmethod
-    def _run_name(cls, value: str | None) -> str | None:
-        if value is not None and not RUN_NAME.fullmatch(value):
-            raise ValueError(
-                "run must be 1-200 characters of letters, digits and _ . : @ + -, "
-                "starting with a letter or digit"
-            )
-        return value
 
 
 @dataclass(frozen=True)
@@ -182,30 +157,6 @@ def decode_json(payload: bytes) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise ProtocolError("malformed", "payload must be a JSON object")
     return obj
-
-
-def decode_hello(payload: bytes) -> Hello:
-    obj = decode_json(payload)
-    version = obj.get("protocol")
-    if version != PROTOCOL_VERSION:
-        raise ProtocolError(
-            "bad_version",
-            f"protocol version {version!r} is not supported; this daemon speaks {PROTOCOL_VERSION}",
-        )
-    try:
-        hello = Hello.model_validate(obj)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "hello"
-        raise ProtocolError("bad_handshake", f"{where}: {first['msg']}") from None
-    if hello.role == "hook":
-        if hello.run is None:
-            raise ProtocolError("bad_handshake", "run: a hook must name its run")
-        if hello.rank >= hello.world_size:
-            raise ProtocolError(
-                "bad_handshake", f"rank {hello.rank} is not below world_size {hello.world_size}"
-            )
-    return hello
 
 
 class SamplesDecoder:

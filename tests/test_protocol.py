@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from runwatch.daemon import protocol
+from runwatch.daemon.handshake import decode_hello
 from runwatch.daemon.protocol import Kind, ProtocolError, SamplesDecoder
 
 
@@ -86,5 +87,5 @@ def test_bad_handshakes(hello, code, where) -> None:
     import json
 
     with pytest.raises(ProtocolError) as err:
-        protocol.decode_hello(json.dumps(hello).encode())
+        decode_hello(json.dumps(hello).encode())
     assert err.value.code == code and where in err.value.detail

@@ -1,0 +1,58 @@
+"""The HELLO handshake, validated with pydantic on the daemon side (the hook never imports this)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from runwatch.daemon.protocol import PROTOCOL_VERSION, RUN_NAME, ProtocolError, decode_json
+
+
+class Hello(BaseModel):
+    """The handshake. A hook names its run and rank; a CLI client only its role."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    protocol: int
+    role: Literal["hook", "cli"]
+    run: str | None = None
+    rank: int = Field(default=0, ge=0)
+    world_size: int = Field(default=1, ge=1)
+    host: str = Field(default="", max_length=255)
+    pid: int = Field(default=0, ge=0)
+    hook_version: str = Field(default="", max_length=64)
+
+    @field_validator("run")
+    @classmethod
+    def _run_name(cls, value: str | None) -> str | None:
+        if value is not None and not RUN_NAME.fullmatch(value):
+            raise ValueError(
+                "run must be 1-200 characters of letters, digits and _ . : @ + -, "
+                "starting with a letter or digit"
+            )
+        return value
+
+
+def decode_hello(payload: bytes) -> Hello:
+    obj = decode_json(payload)
+    version = obj.get("protocol")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            "bad_version",
+            f"protocol version {version!r} is not supported; this daemon speaks {PROTOCOL_VERSION}",
+        )
+    try:
+        hello = Hello.model_validate(obj)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "hello"
+        raise ProtocolError("bad_handshake", f"{where}: {first['msg']}") from None
+    if hello.role == "hook":
+        if hello.run is None:
+            raise ProtocolError("bad_handshake", "run: a hook must name its run")
+        if hello.rank >= hello.world_size:
+            raise ProtocolError(
+                "bad_handshake", f"rank {hello.rank} is not below world_size {hello.world_size}"
+            )
+    return hello

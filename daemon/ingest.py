@@ -52,9 +52,16 @@ class Connection:
     closed: bool = False
     name: str = field(default="")
 
+    acks: list[bytes] = field(default_factory=list)
+
     def send(self, data: bytes) -> None:
         if not self.closed:
             self.writer.write(data)
+
+    def flush_acks(self) -> None:
+        if self.acks:
+            self.send(b"".join(self.acks))
+            self.acks.clear()
 
     def refuse(self, code: str, detail: str) -> None:
         self.send(protocol.error_frame(code, detail))
@@ -72,17 +79,23 @@ class InflightBudget:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
+        self._waiting = 0
         self._cond = asyncio.Condition()
 
     async def acquire(self, n: int) -> None:
         if self.used and self.used + n > self.limit:
-            async with self._cond:
-                await self._cond.wait_for(lambda: not self.used or self.used + n <= self.limit)
+            self._waiting += 1
+            try:
+                async with self._cond:
+                    await self._cond.wait_for(lambda: not self.used or self.used + n <= self.limit)
+            finally:
+                self._waiting -= 1
         self.used += n
 
     def release(self, n: int) -> None:
         self.used -= n
-        asyncio.get_running_loop().create_task(self._wake())
+        if self._waiting:
+            asyncio.get_running_loop().create_task(self._wake())
 
     async def _wake(self) -> None:
         async with self._cond:
@@ -114,6 +127,7 @@ class Ingest:
         self._tasks: set[asyncio.Task[None]] = set()
         self._connections: set[Connection] = set()
         self._outstanding = 0
+        self._acking: set[Connection] = set()
         self._all_acked = asyncio.Event()
         self._all_acked.set()
         self._budget = InflightBudget(settings().inflight_bytes)
@@ -156,6 +170,10 @@ class Ingest:
     def _deliver(self, results: list[tuple[Done, BaseException | None]]) -> None:
         for done, error in results:
             done(error)
+        # One write per connection per commit, not one per frame.
+        for conn in self._acking:
+            conn.flush_acks()
+        self._acking.clear()
 
     # -- connections ------------------------------------------------------------------
 
@@ -203,7 +221,9 @@ class Ingest:
             raise ProtocolError("truncated", "connection closed inside a frame header") from None
         kind, length = protocol.parse_header(header, self._settings().max_frame_bytes)
         try:
-            payload = await asyncio.wait_for(conn.reader.readexactly(length), body_timeout)
+            # asyncio.timeout arms a timer; wait_for would also create a Task for every frame.
+            async with asyncio.timeout(body_timeout):
+                payload = await conn.reader.readexactly(length)
         except asyncio.IncompleteReadError as exc:
             raise ProtocolError(
                 "truncated", f"connection closed after {len(exc.partial)} of {length} payload bytes"
@@ -299,7 +319,9 @@ class Ingest:
             if not self._outstanding:
                 self._all_acked.set()
             if error is None:
-                conn.send(protocol.ack_frame(seq))
+                if not conn.closed:
+                    conn.acks.append(protocol.ack_frame(seq))
+                    self._acking.add(conn)
             elif not conn.closed:
                 self._metrics.rejected.labels("store_unavailable").inc()
                 conn.refuse("store_unavailable", f"store commit failed ({error}); resend later")

@@ -31,6 +31,8 @@ the HELLO with pydantic in :mod:`runwatch.daemon.handshake`).
 from __future__ import annotations
 
 import json
+import math
+import operator
 import re
 import struct
 from dataclasses import dataclass
@@ -170,9 +172,11 @@ class SamplesDecoder:
         self._names: dict[bytes, tuple[str, ...]] = {}
         self._cache_size = cache_size
 
-    def _names_for(self, raw: bytes, n_metrics: int, where: str) -> tuple[str, ...]:
-        names = self._names.get(raw)
+    def _names_for(self, raw: memoryview, n_metrics: int, where: str) -> tuple[str, ...]:
+        # A read-only memoryview hashes and compares like the bytes it shows: no copy to look up.
+        names = self._names.get(raw)  # type: ignore[call-overload]
         if names is None:
+            raw = raw.tobytes()  # type: ignore[assignment]
             try:
                 names = tuple(raw.decode().split("\n"))
             except UnicodeDecodeError:
@@ -219,7 +223,7 @@ class SamplesDecoder:
                 raise ProtocolError(
                     "malformed", f"{where}: needs {body} bytes, {len(buf) - pos} remain"
                 )
-            names = self._names_for(bytes(buf[pos : pos + names_len]), n_metrics, where)
+            names = self._names_for(buf[pos : pos + names_len], n_metrics, where)
             pos += names_len
             steps = np.frombuffer(buf, dtype="<i8", count=n_steps, offset=pos)
             pos += 8 * n_steps
@@ -227,11 +231,13 @@ class SamplesDecoder:
             pos += 8 * n_steps
             values = np.frombuffer(buf, dtype="<f8", count=n_steps * n_metrics, offset=pos)
             pos += 8 * n_steps * n_metrics
-            if steps[0] < 0 or (n_steps > 1 and not bool(np.all(steps[1:] > steps[:-1]))):
+            # Plain Python beats numpy's per-call overhead on the ~10-element arrays of a frame.
+            step_list = steps.tolist()
+            if step_list[0] < 0 or not all(map(operator.lt, step_list, step_list[1:])):
                 raise ProtocolError(
                     "malformed", f"{where}: steps must be non-negative and strictly increasing"
                 )
-            if not bool(np.all(np.isfinite(times))):
+            if not math.isfinite(math.fsum(times.tolist())):
                 raise ProtocolError("malformed", f"{where}: step times must be finite")
             blocks.append(Block(names, steps, times, values.reshape(n_steps, n_metrics)))
         if pos != len(buf):

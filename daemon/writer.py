@@ -20,7 +20,7 @@ from typing import Any
 
 from runwatch.daemon.exporter import DaemonMetrics
 from runwatch.daemon.live import LiveView
-from runwatch.daemon.protocol import Samples
+from runwatch.daemon.protocol import Block, Samples
 from runwatch.daemon.store import Store
 
 log = logging.getLogger("runwatch.writer")
@@ -145,11 +145,18 @@ class Writer:
             log.error("store commit of %d frames failed: %s (not acknowledged; hooks will resend)",
                       len(writes), exc)
         else:
+            # The live view only needs the newest block per (stream, metric set) of this commit.
+            newest: dict[tuple[int, tuple[str, ...]], Block] = {}
             points = 0
             for w in writes:
                 for block in w.samples.blocks:
-                    self.live.apply(w.stream_id, block)
+                    key = (w.stream_id, block.names)
+                    seen = newest.get(key)
+                    if seen is None or block.steps[-1] > seen.steps[-1]:
+                        newest[key] = block
                 points += w.samples.n_points
+            for (stream_id, _), block in newest.items():
+                self.live.apply(stream_id, block)
             self.metrics.points.inc(points)
             self.metrics.frames.inc(len(writes))
             self.metrics.commit_seconds.observe(time.perf_counter() - started)

@@ -9,9 +9,9 @@ makes a replayed step a no-op, so (run, rank, step, metric) is never stored twic
 
 NaN and ±Inf survive the blob unchanged (SQLite would turn a REAL NaN into NULL).
 
-Threading: the writer thread owns the write connection (:meth:`Store.open` in that
-thread, or pass ``check_same_thread=False`` users); readers open their own connection
-with :meth:`Store.reader`. WAL lets them read while the writer commits.
+Threading: one :class:`Store` is used by the writer thread only (it is opened before that
+thread starts, hence ``check_same_thread=False``); readers open their own read-only
+connection with :meth:`Store.reader`. WAL lets them read while the writer commits.
 """
 
 from __future__ import annotations

@@ -342,7 +342,7 @@ class Sender:
             self._disconnect()
 
     def _in_flight_ok(self) -> bool:
-        # Sent but unacked frames are bounded by the memory budget; the rest waits.
+        # At most 64 frames sent and not yet acknowledged; the rest waits (and may spill).
         sent = len(self._pending) - len(self._unsent)
         return sent < 64
 

@@ -9,6 +9,7 @@ what the daemon stored against what really happened.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import math
 import time
@@ -75,7 +76,7 @@ def batches(seed: int, vocab: int = 64, context: int = 32, batch: int = 8):
 
 def train(run: str, steps: int, *, seed: int = 0, lr: float = 3e-3, record: str | None = None,
           socket: str | None = None, sleep: float = 0.0, flush_every: int = 16,
-          step_times: list[float] | None = None) -> None:
+          step_times: list[float] | None = None, slow_step_dump: str | None = None) -> None:
     torch.manual_seed(seed)
     model = TinyGPT()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -85,7 +86,12 @@ def train(run: str, steps: int, *, seed: int = 0, lr: float = 3e-3, record: str 
     watch = runwatch.hooks.watch(model, optimizer, run=run, socket=socket, flush_every=flush_every)
     out = open(record, "w") if record else None  # noqa: SIM115
     data = batches(seed)
+    dump = open(slow_step_dump, "w") if slow_step_dump else None  # noqa: SIM115
     for step in range(steps):
+        if dump is not None:
+            # Diagnostics for tests: the stacks of every thread if a step takes over 0.3 s.
+            dump.write(f"--- step {step}\n")
+            faulthandler.dump_traceback_later(0.3, file=dump)
         t0 = time.perf_counter()
         input_ids, labels = next(data)
         loss = model(input_ids, labels=labels).loss
@@ -104,6 +110,8 @@ def train(run: str, steps: int, *, seed: int = 0, lr: float = 3e-3, record: str 
             time.sleep(sleep)
         if step_times is not None:
             step_times.append(time.perf_counter() - t0)
+        if dump is not None:
+            faulthandler.cancel_dump_traceback_later()
     if out is not None:
         out.close()
     watch.close()
@@ -118,11 +126,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--socket")
     p.add_argument("--sleep", type=float, default=0.0, help="seconds to sleep after each step")
     p.add_argument("--flush-every", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: a tiny model, and less contention in tests)")
     p.add_argument("--step-times", help="write each step's wall time (JSON list) here")
+    p.add_argument("--slow-step-dump", help="write all threads' stacks here when a step exceeds 0.3 s")
     a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
     times: list[float] = []
     train(a.run, a.steps, seed=a.seed, record=a.record, socket=a.socket, sleep=a.sleep,
-          flush_every=a.flush_every, step_times=times)
+          flush_every=a.flush_every, step_times=times, slow_step_dump=a.slow_step_dump)
     if a.step_times:
         with open(a.step_times, "w") as fh:
             json.dump(times, fh)

@@ -1,22 +1,37 @@
 """``watch(model, optimizer, run=...)``: the one line a plain PyTorch loop needs.
 
-It attaches through ``Optimizer.register_step_pre_hook`` / ``register_step_post_hook`` and
-a forward hook on the model, so the loop does not change. Per step it records the total
-gradient norm, the loss (``output.loss`` of the model, or :meth:`Watch.log`), the learning
-rate of every parameter group and the host wall time between steps.
+It attaches through ``Optimizer.register_step_pre_hook`` / ``register_step_post_hook``,
+forward (pre-)hooks on the model and its watched layers, and, under DDP, a communication
+hook, so the loop does not change. Per optimizer step it records (keys as sent):
 
-Where a host sync would creep in, and how this avoids it:
+=============================  ==========================================================
+``grad_norm``                  total L2 norm of the gradients the optimizer is about to use
+``group_grad_norm/<group>``    the same per layer group: each repeated block, ``embeddings``,
+                               ``head``, ``other``
+``microbatch_grad_norm``       mean norm of one backward pass's gradient (no DDP), and
+``microbatch_grad_norm_std``   its spread across the step's micro-batches
+``local_grad_norm``            under DDP: this rank's gradient norm before the all-reduce
+``activation_norm/<layer>``    RMS of each watched layer's output
+``loss``                       ``output.loss`` / ``output["loss"]``, mean over micro-batches
+``tokens``, ``useful_tokens``  from ``labels != ignore_index``, ``attention_mask`` or a pad id
+``token_efficiency``           useful / total tokens
+``tokens_per_second``          and ``samples_per_second``, over the host step time
+``learning_rate/<group>``      per optimizer parameter group
+``step_duration_seconds``      host wall time between optimizer steps
+``hook_seconds``               host time spent inside these hooks during the step
+``batch_fingerprint``          hash of the last micro-batch's token ids (< 2**31)
+``guard_skipped``              1 when the spike guard refused the update, and
+``guard_threshold``            the norm above which it would have
+=============================  ==========================================================
 
-* Device values (grad norm, loss, tensor learning rates) are written with ``copy_`` into
-  a device buffer row, never read with ``.item()``, ``float()``, ``.cpu()`` or ``.tolist()``.
-* Every ``flush_every`` steps the buffer goes to pinned host memory with one
-  ``non_blocking`` copy and a CUDA event is recorded; the host reads that memory only
-  after ``event.query()`` says the copy has landed, polled at later steps. Nothing waits.
-* Python-side values (a float learning rate, step times, step numbers) never touch the
-  device at all.
-* ``close()`` is the one place that waits for the device (``event.synchronize()``).
+Where a host sync would creep in, and how this avoids it: device values are written with
+``copy_``/``add_`` into a device buffer (see :mod:`runwatch.hooks.buffer`), never read with
+``.item()``, ``float()``, ``.cpu()`` or ``.tolist()``; the guard's decision is a tensor
+handed to a fused optimizer (see :mod:`runwatch.hooks.guard`); host-known numbers
+(shapes, Python learning rates, times) never touch the device. ``close()`` and ``flush()``
+are the only places that wait for the device.
 
-Anything that goes wrong inside the hook is logged once and switches the hook off;
+Anything that goes wrong inside a hook is logged once and switches monitoring off;
 training carries on.
 """
 
@@ -30,7 +45,7 @@ import socket as socket_mod
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,19 +55,27 @@ import torch
 
 from runwatch.daemon import paths, protocol
 from runwatch.hooks import __version__
+from runwatch.hooks.buffer import StepBuffer
+from runwatch.hooks.guard import GuardMode, SpikeGuard, resolve_mode
 from runwatch.hooks.sender import Batch, Sender
+from runwatch.hooks.signals import Fingerprint, GradNorms, activation_rms, repeated_blocks, token_counts
 
 log = logging.getLogger("runwatch.hooks")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class _SkipStep(BaseException):
+    """Raised from the pre-step hook in ``skip_sync`` mode; caught by the step wrapper."""
+
+
 def _guarded(fn: F) -> F:
-    """Run a hook body; on any error log it once, switch monitoring off, never raise."""
+    """Run a hook body, timing it; on any error log once, switch monitoring off, never raise."""
 
     @functools.wraps(fn)
     def wrapper(self: Watch, *args: Any, **kwargs: Any) -> Any:
         if not self.enabled:
             return None
+        started = time.perf_counter()
         try:
             return fn(self, *args, **kwargs)
         except Exception:
@@ -60,25 +83,21 @@ def _guarded(fn: F) -> F:
                           fn.__name__)
             self._disable()
             return None
+        finally:
+            self._hook_seconds += time.perf_counter() - started
 
     return wrapper  # type: ignore[return-value]
 
 
-@dataclass
-class _InFlight:
-    """A window copied towards the host, waiting for its event."""
+@dataclass(frozen=True)
+class RecentBatch:
+    """A batch kept by reference so a pause can dump it (issue: interventions)."""
 
-    host: torch.Tensor
-    event: Any  # torch.cuda.Event | None (CPU: already complete)
-    rows: int
-    names: tuple[str, ...]
-    device_cols: int
-    steps: np.ndarray
-    times: np.ndarray
-    host_values: np.ndarray
-    present: np.ndarray
-    loss_counts: np.ndarray
-    loss_col: int | None
+    step: int
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    shard: str | None
+    offset: int | None
 
 
 def _detect_rank() -> tuple[int, int]:
@@ -106,6 +125,10 @@ def _spool_dir() -> Path:
     return (Path(cache) if cache else Path.home() / ".cache") / "runwatch" / "spool"
 
 
+def _unwrap(model: torch.nn.Module | None) -> torch.nn.Module | None:
+    return getattr(model, "module", model) if model is not None else None
+
+
 class Watch:
     """Collects per-step signals on the device and streams them to the node daemon."""
 
@@ -121,10 +144,22 @@ class Watch:
         world_size: int | None = None,
         spool_dir: str | os.PathLike[str] | None = None,
         spool_max_bytes: int = 64 << 20,
+        guard: GuardMode = "auto",
+        guard_window: int = 128,
+        guard_warmup: int = 64,
+        guard_sigma: float = 6.0,
+        guard_ratio: float | None = None,
+        layers: Sequence[str | torch.nn.Module] | None = None,
+        group_norms: bool = True,
+        microbatch_norms: bool = True,
+        ignore_index: int = -100,
+        pad_id: int | None = None,
+        keep_batches: int = 2,
         sender: Sender | None = None,
     ) -> None:
         if flush_every < 1:
             raise ValueError("flush_every must be at least 1")
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate/Lightning wrappers
         detected_rank, detected_world = _detect_rank()
         self.rank = detected_rank if rank is None else rank
         self.world_size = detected_world if world_size is None else world_size
@@ -133,28 +168,34 @@ class Watch:
             raise ValueError(f"run name {self.run!r}: use letters, digits and _ . : @ + -")
         self.model = model
         self.optimizer = optimizer
-        self.flush_every = flush_every
         self.enabled = True
         self.step = 0
+        self.skipped_steps_requested = 0
         self.socket_path = paths.client_socket_path(socket)
         self.device = self._find_device(model, optimizer)
-        self._cuda = self.device.type == "cuda"
-
-        # Column layout: device columns first, then host columns, in the order first seen.
-        self._device_cols: dict[str, int] = {}
-        self._host_cols: dict[str, int] = {}
-        self._dev = torch.zeros(flush_every, 8, device=self.device, dtype=torch.float32)
-        self._host = np.zeros((flush_every, 8))
-        self._present_dev = np.zeros((flush_every, 8), dtype=bool)
-        self._present_host = np.zeros((flush_every, 8), dtype=bool)
-        self._steps = np.zeros(flush_every, dtype=np.int64)
-        self._times = np.zeros(flush_every)
-        self._loss_counts = np.zeros(flush_every)
-        self._row = 0
-        self._inflight: deque[_InFlight] = deque()
-        self._pinned_pool: list[torch.Tensor] = []
+        self.guard_mode = resolve_mode(guard, optimizer)
+        self.ignore_index, self.pad_id = ignore_index, pad_id
+        self._hook_seconds = 0.0
         self._last_step_end: float | None = None
         self._user_loss = False
+        self._user_grad_norm: torch.Tensor | None = None
+        self._last_loss: torch.Tensor | None = None
+        self._shard: str | None = None
+        self._offset: int | None = None
+        self._recent: deque[RecentBatch] = deque(maxlen=max(keep_batches, 0) or None)
+        self._keep_batches = keep_batches
+        self._set_found_inf = False
+
+        self.buffer = StepBuffer(flush_every, self.device, self._emit)
+        inner = _unwrap(model)
+        self._grad_norms = GradNorms(inner, optimizer, self.device)
+        self._group_keys = tuple(f"group_grad_norm/{g}" for g in self._grad_norms.group_names) \
+            if group_norms else ()
+        if self._group_keys:
+            self.buffer.reserve(self._group_keys)
+        self._guard = None if self.guard_mode == "off" else SpikeGuard(
+            self.device, window=guard_window, warmup=guard_warmup, sigma=guard_sigma, ratio=guard_ratio)
+        self._fingerprint = Fingerprint(self.device)
 
         hello = {
             "protocol": protocol.PROTOCOL_VERSION,
@@ -171,12 +212,17 @@ class Watch:
             self.socket_path, hello, spool / f"{self.run}.rank{self.rank}.spool",
             spool_max_bytes=spool_max_bytes,
         )
-        self._handles = [
+        self._handles: list[Any] = [
             optimizer.register_step_pre_hook(self._before_step),
             optimizer.register_step_post_hook(self._after_step),
         ]
         if model is not None:
+            self._handles.append(model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
             self._handles.append(model.register_forward_hook(self._after_forward))
+            self._attach_layers(inner, layers)
+            self._attach_gradient_taps(model, microbatch_norms)
+        if self.guard_mode == "skip_sync":
+            self._wrap_step_for_sync_skip()
         atexit.register(self.close)
 
     @staticmethod
@@ -189,6 +235,59 @@ class Watch:
                 return p.device
         return torch.device("cpu")
 
+    def _attach_layers(self, model: torch.nn.Module | None,
+                       layers: Sequence[str | torch.nn.Module] | None) -> None:
+        if model is None:
+            return
+        if layers is None:
+            chosen = repeated_blocks(model)
+        else:
+            by_name = dict(model.named_modules())
+            names = {id(m): n for n, m in by_name.items()}
+            chosen = []
+            for layer in layers:
+                if isinstance(layer, str):
+                    if layer not in by_name:
+                        raise ValueError(f"layers: no module named {layer!r} in the model")
+                    chosen.append((layer, by_name[layer]))
+                else:
+                    chosen.append((names.get(id(layer), type(layer).__name__), layer))
+        for name, module in chosen:
+            key = f"activation_norm/{name}"
+            self._handles.append(module.register_forward_hook(
+                lambda _m, _i, out, _key=key: self._on_activation(_key, out)))
+
+    def _attach_gradient_taps(self, model: torch.nn.Module, microbatch_norms: bool) -> None:
+        ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        if ddp:
+            # The comm hook sees each bucket of this rank's gradients before the all-reduce.
+            try:
+                model.register_comm_hook(self, _local_norm_allreduce)
+                self._local_sq = torch.zeros((), device=self.device, dtype=torch.float32)
+            except RuntimeError as exc:
+                log.warning("runwatch: local_grad_norm is off: DDP already has a comm hook (%s)", exc)
+        elif microbatch_norms:
+            # Without DDP nothing rewrites gradients during backward, so the multi-grad hook's
+            # view of one backward's gradients is this micro-batch's alone.
+            params = [p for p in model.parameters() if p.requires_grad]
+            if params:
+                self._handles.append(torch.autograd.graph.register_multi_grad_hook(
+                    params, self._on_backward, mode="all"))
+
+    def _wrap_step_for_sync_skip(self) -> None:
+        original = self.optimizer.step
+
+        @functools.wraps(original)
+        def step(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return original(*args, **kwargs)
+            except _SkipStep:
+                self._after_step(self.optimizer, args, kwargs)
+                return None
+
+        self.optimizer.step = step  # type: ignore[method-assign]
+        self._unwrap_step = lambda: setattr(self.optimizer, "step", original)
+
     # -- public API --------------------------------------------------------------------
 
     @_guarded
@@ -196,21 +295,33 @@ class Watch:
         """Record values for the current step; the last value logged in a step wins.
 
         Tensors stay on the device (no sync); Python numbers are stored as they are.
-        Logging ``loss`` here stops the hook from reading ``output.loss`` itself.
+        Logging ``loss`` stops the hook from reading ``output.loss`` itself; logging
+        ``grad_norm`` (e.g. what ``clip_grad_norm_`` returned) is used instead of computing it.
         """
         for key, value in metrics.items():
             if key == "loss":
                 self._user_loss = True
             if isinstance(value, torch.Tensor):
-                col = self._device_col(key)
-                self._dev[self._row, col].copy_(value.detach().reshape(()), non_blocking=True)
-                self._present_dev[self._row, col] = True
+                if key == "grad_norm":
+                    self._user_grad_norm = value
                 if key == "loss":
-                    self._loss_counts[self._row] = 1
+                    self._last_loss = value
+                self.buffer.set(key, value)
             else:
-                col = self._host_col(key)
-                self._host[self._row, col] = float(value)
-                self._present_host[self._row, col] = True
+                self.buffer.put(key, float(value))
+
+    @_guarded
+    def batch(self, shard: str | None = None, offset: int | None = None) -> None:
+        """Say where the coming batch comes from in the data (shard id and offset)."""
+        self._shard, self._offset = shard, offset
+        if offset is not None:
+            self.buffer.put("data_offset", float(offset))
+        if shard is not None:
+            self.buffer.extra("shard", shard)
+
+    def recent_batches(self) -> list[RecentBatch]:
+        """The last ``keep_batches`` training batches, oldest first (held by reference)."""
+        return list(self._recent)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Send what has been recorded so far and wait up to ``timeout`` for the daemon's ack.
@@ -218,8 +329,8 @@ class Watch:
         Waits for the device once; meant for the end of a run or a test, not the step path.
         """
         if self.enabled:
-            self._flush_window()
-            self._drain_inflight(wait=True)
+            self.buffer.flush()
+            self.buffer.drain(wait=True)
         return self.sender.flush(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
@@ -230,14 +341,11 @@ class Watch:
         atexit.unregister(self.close)
         try:
             if self.enabled:
-                self._flush_window()
-                self._drain_inflight(wait=True)
+                self.buffer.flush()
+                self.buffer.drain(wait=True)
         except Exception:
             log.exception("runwatch: final flush failed")
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        self.enabled = False
+        self._disable()
         self.sender.close(timeout)
 
     def __enter__(self) -> Watch:
@@ -249,45 +357,21 @@ class Watch:
     # -- hooks -------------------------------------------------------------------------
 
     @_guarded
-    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        grads = [p.grad for g in optimizer.param_groups for p in g["params"]
-                 if p.grad is not None and not p.grad.is_sparse]
-        if grads:
-            norm = torch.nn.utils.get_total_norm(grads, 2.0, error_if_nonfinite=False)
-            col = self._device_col("grad_norm")
-            self._dev[self._row, col].copy_(norm.to(self.device, torch.float32))
-            self._present_dev[self._row, col] = True
-
-    @_guarded
-    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        now = time.perf_counter()
-        row = self._row
-        for i, group in enumerate(optimizer.param_groups):
-            lr = group.get("lr")
-            if isinstance(lr, torch.Tensor):
-                col = self._device_col(f"learning_rate/{i}")
-                self._dev[row, col].copy_(lr.detach().reshape(()), non_blocking=True)
-                self._present_dev[row, col] = True
-            elif lr is not None:
-                col = self._host_col(f"learning_rate/{i}")
-                self._host[row, col] = lr
-                self._present_host[row, col] = True
-        if self._last_step_end is not None:
-            col = self._host_col("step_duration_seconds")
-            self._host[row, col] = now - self._last_step_end
-            self._present_host[row, col] = True
-        if self.sender.dropped_points:
-            col = self._host_col("hook_dropped_points")
-            self._host[row, col] = self.sender.dropped_points
-            self._present_host[row, col] = True
-        self._last_step_end = now
-        self._steps[row] = self.step
-        self._times[row] = time.time()
-        self.step += 1
-        self._row += 1
-        if self._row == self.flush_every:
-            self._flush_window()
-        self._drain_inflight(wait=False)
+    def _before_forward(self, module: torch.nn.Module, args: tuple[Any, ...],
+                        kwargs: dict[str, Any]) -> None:
+        if not module.training or not torch.is_grad_enabled():
+            return
+        counts = token_counts(args, kwargs, self.ignore_index, self.pad_id)
+        if counts is not None:
+            useful, total, samples = counts
+            self.buffer.add("useful_tokens", useful, average=False)
+            self.buffer.put_add("tokens", total)
+            self.buffer.put_add("samples", samples)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if isinstance(ids, torch.Tensor) and not ids.is_floating_point():
+            self.buffer.set("batch_fingerprint", self._fingerprint(ids))
+        if self._keep_batches:
+            self._recent.append(RecentBatch(self.step, args, kwargs, self._shard, self._offset))
 
     @_guarded
     def _after_forward(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
@@ -297,111 +381,149 @@ class Watch:
         if loss is None and isinstance(output, dict):
             loss = output.get("loss")
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            col = self._device_col("loss")
-            # Summed over micro-batches here, divided by their count on the host later.
-            self._dev[self._row, col].add_(loss.detach().reshape(()).to(torch.float32))
-            self._present_dev[self._row, col] = True
-            self._loss_counts[self._row] += 1
+            self.buffer.add("loss", loss)
+            self._last_loss = loss
 
-    # -- buffers -----------------------------------------------------------------------
+    @_guarded
+    def _on_activation(self, key: str, output: Any) -> None:
+        if torch.is_grad_enabled():
+            rms = activation_rms(output)
+            if rms is not None:
+                self.buffer.add(key, rms)
 
-    def _device_col(self, key: str) -> int:
-        col = self._device_cols.get(key)
-        if col is None:
-            col = len(self._device_cols)
-            if col >= self._dev.shape[1]:
-                grown = torch.zeros(self.flush_every, col * 2, device=self.device, dtype=torch.float32)
-                grown[:, :col].copy_(self._dev)
-                self._dev = grown
-                self._present_dev = _grow(self._present_dev, col * 2)
-            self._device_cols[key] = col
-        return col
+    @_guarded
+    def _on_backward(self, grads: Sequence[torch.Tensor | None]) -> None:
+        norm = self._grad_norms.total(grads)
+        if norm is not None:
+            self.buffer.add("microbatch_grad_norm", norm)
+            self.buffer.add("microbatch_grad_norm_sq", norm.square())
 
-    def _host_col(self, key: str) -> int:
-        col = self._host_cols.get(key)
-        if col is None:
-            col = len(self._host_cols)
-            if col >= self._host.shape[1]:
-                self._host = _grow(self._host, col * 2)
-                self._present_host = _grow(self._present_host, col * 2)
-            self._host_cols[key] = col
-        return col
-
-    def _flush_window(self) -> None:
-        rows = self._row
-        if rows == 0:
+    @_guarded
+    def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        computed = self._grad_norms.compute()
+        if computed is None:
             return
-        n_dev = len(self._device_cols)
-        event = None
-        if n_dev == 0:
-            host = torch.empty(rows, 0)
-        elif self._cuda:
-            host = self._pinned(n_dev)
-            host[:rows, :n_dev].copy_(self._dev[:rows, :n_dev], non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            host = self._dev[:rows, :n_dev].clone()
-        self._dev.zero_()
-        names = tuple(self._device_cols) + tuple(self._host_cols)
-        n_host = len(self._host_cols)
-        self._inflight.append(_InFlight(
-            host=host,
-            event=event,
-            rows=rows,
-            names=names,
-            device_cols=n_dev,
-            steps=self._steps[:rows].copy(),
-            times=self._times[:rows].copy(),
-            host_values=self._host[:rows, :n_host].copy(),
-            present=np.concatenate(
-                [self._present_dev[:rows, :n_dev], self._present_host[:rows, :n_host]], axis=1
-            ),
-            loss_counts=self._loss_counts[:rows].copy(),
-            loss_col=self._device_cols.get("loss"),
-        ))
-        self._present_dev[:] = False
-        self._present_host[:] = False
-        self._loss_counts[:] = 0
-        self._row = 0
+        total, per_group = computed
+        if self._user_grad_norm is not None:
+            total, self._user_grad_norm = self._user_grad_norm, None
+        self.buffer.set("grad_norm", total)
+        if self._group_keys:
+            self.buffer.set_many(self._group_keys, per_group)
+        if hasattr(self, "_local_sq"):
+            self.buffer.set("local_grad_norm", self._local_sq.sqrt())
+            self._local_sq.zero_()
+        if self._guard is None:
+            return
+        skip, threshold = self._guard.check(total, self._last_loss)
+        self.buffer.set("guard_skipped", skip)
+        self.buffer.set("guard_threshold", threshold)
+        if self.guard_mode == "skip":
+            found = skip.to(torch.float32)
+            existing = getattr(optimizer, "found_inf", None)
+            if existing is not None:  # GradScaler got there first: skip if either says so
+                found = torch.maximum(existing.reshape(()).to(torch.float32), found).reshape(existing.shape)
+                self._restore_found_inf = existing
+            optimizer.found_inf = found  # type: ignore[attr-defined]
+            self._set_found_inf = True
+        elif self.guard_mode == "skip_sync" and bool(skip.item()):  # the stated one sync per step
+            self.skipped_steps_requested += 1
+            raise _SkipStep
 
-    def _pinned(self, n_dev: int) -> torch.Tensor:
-        for i, t in enumerate(self._pinned_pool):
-            if t.shape[1] >= n_dev:
-                return self._pinned_pool.pop(i)
-        return torch.empty(self.flush_every, max(n_dev, 8), dtype=torch.float32, pin_memory=True)
+    @_guarded
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._set_found_inf:
+            restore = getattr(self, "_restore_found_inf", None)
+            if restore is not None:
+                optimizer.found_inf = restore  # type: ignore[attr-defined]
+                self._restore_found_inf = None
+            else:
+                del optimizer.found_inf  # type: ignore[attr-defined]
+            self._set_found_inf = False
+        now = time.perf_counter()
+        buf = self.buffer
+        for i, group in enumerate(optimizer.param_groups):
+            lr = group.get("lr")
+            if isinstance(lr, torch.Tensor):
+                buf.set(f"learning_rate/{i}", lr)
+            elif lr is not None:
+                buf.put(f"learning_rate/{i}", lr)
+        if self._last_step_end is not None:
+            buf.put("step_duration_seconds", now - self._last_step_end)
+        if self.sender.dropped_points:
+            buf.put("hook_dropped_points", self.sender.dropped_points)
+        self._last_step_end = now
+        self._last_loss = None
+        # This call's own time is added by the wrapper after it returns, so it is counted in
+        # the next step's figure: the sum over a run is exact, each step's is off by one call.
+        buf.put("hook_seconds", self._hook_seconds)
+        self._hook_seconds = 0.0
+        step = self.step
+        self.step += 1
+        if buf.end_step(step, time.time()):
+            buf.flush()
+        buf.drain(wait=False)
 
-    def _drain_inflight(self, wait: bool) -> None:
-        while self._inflight:
-            item = self._inflight[0]
-            if item.event is not None:
-                if wait:
-                    item.event.synchronize()
-                elif not item.event.query():
-                    return
-            self._inflight.popleft()
-            device_values = item.host.numpy()[: item.rows, : item.device_cols].astype(np.float64)
-            if item.loss_col is not None:
-                counts = np.where(item.loss_counts > 0, item.loss_counts, 1.0)
-                device_values[:, item.loss_col] /= counts
-            values = np.concatenate([device_values, item.host_values], axis=1)
-            present = item.present
-            self.sender.put(Batch(item.names, item.steps, item.times, values,
-                                  None if present.all() else present))
-            if item.event is not None:
-                self._pinned_pool.append(item.host)
+    # -- emitting ----------------------------------------------------------------------
+
+    def _emit(self, batch: Batch, extras: list[dict[str, Any]]) -> None:
+        """Derive host-side ratios from a window that has reached the host, then send it."""
+        self.sender.put(_derive(batch))
 
     def _disable(self) -> None:
         self.enabled = False
         for h in self._handles:
             h.remove()
         self._handles = []
+        unwrap = getattr(self, "_unwrap_step", None)
+        if unwrap is not None:
+            unwrap()
+            self._unwrap_step = None
 
 
-def _grow(a: np.ndarray, cols: int) -> np.ndarray:
-    grown = np.zeros((a.shape[0], cols), dtype=a.dtype)
-    grown[:, : a.shape[1]] = a
-    return grown
+def _derive(batch: Batch) -> Batch:
+    names = list(batch.names)
+    cols = {n: i for i, n in enumerate(names)}
+    values, present = batch.values, batch.present
+    new: list[tuple[str, np.ndarray, np.ndarray]] = []
+
+    def col(name: str) -> tuple[np.ndarray, np.ndarray] | None:
+        i = cols.get(name)
+        if i is None:
+            return None
+        mask = np.ones(len(values), dtype=bool) if present is None else present[:, i]
+        return values[:, i], mask
+
+    tokens, useful, dt = col("tokens"), col("useful_tokens"), col("step_duration_seconds")
+    samples, mb, mb_sq = col("samples"), col("microbatch_grad_norm"), col("microbatch_grad_norm_sq")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if tokens and useful:
+            new.append(("token_efficiency", useful[0] / tokens[0], useful[1] & tokens[1] & (tokens[0] > 0)))
+        if tokens and dt:
+            new.append(("tokens_per_second", tokens[0] / dt[0], tokens[1] & dt[1] & (dt[0] > 0)))
+        if samples and dt:
+            new.append(("samples_per_second", samples[0] / dt[0], samples[1] & dt[1] & (dt[0] > 0)))
+        if mb and mb_sq:
+            new.append(("microbatch_grad_norm_std", np.sqrt(np.maximum(mb_sq[0] - mb[0] ** 2, 0.0)),
+                        mb[1] & mb_sq[1]))
+    drop = cols.get("microbatch_grad_norm_sq")
+    if not new and drop is None:
+        return batch
+    keep = [i for i in range(len(names)) if i != drop]
+    out_names = tuple(names[i] for i in keep) + tuple(n for n, _, _ in new)
+    out_values = np.concatenate([values[:, keep]] + [v[:, None] for _, v, _ in new], axis=1)
+    base_present = np.ones_like(values, dtype=bool) if present is None else present
+    out_present = np.concatenate([base_present[:, keep]] + [m[:, None] for _, _, m in new], axis=1)
+    return Batch(out_names, batch.steps, batch.times, out_values,
+                 None if out_present.all() else out_present)
+
+
+def _local_norm_allreduce(watch: Watch, bucket: Any) -> Any:
+    """DDP comm hook: add this bucket's local squared norm, then all-reduce as usual."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    if watch.enabled:
+        watch._local_sq.add_(torch.linalg.vector_norm(bucket.buffer(), dtype=torch.float32).square())
+    return default_hooks.allreduce_hook(None, bucket)  # type: ignore[arg-type]
 
 
 def watch(
@@ -412,8 +534,11 @@ def watch(
 ) -> Watch:
     """Watch a training loop: ``watch = runwatch.hooks.watch(model, optimizer, run="my-run")``.
 
-    Options: ``socket`` (default ``$RUNWATCH_SOCKET`` or the node daemon's), ``flush_every``
-    (steps per device-to-host copy, default 16), ``rank``/``world_size`` (default from
-    ``torch.distributed`` or ``RANK``/``WORLD_SIZE``), ``spool_dir``, ``spool_max_bytes``.
+    Options (all keyword): ``socket``, ``flush_every`` (steps per device-to-host copy,
+    default 16), ``rank``/``world_size``, ``spool_dir``, ``spool_max_bytes``, ``guard``
+    (``auto``/``skip``/``skip_sync``/``observe``/``off``), ``guard_window``,
+    ``guard_warmup``, ``guard_sigma``, ``guard_ratio``, ``layers`` (modules or names whose
+    output norm is watched; default each repeated block), ``group_norms``,
+    ``microbatch_norms``, ``ignore_index``, ``pad_id``, ``keep_batches``.
     """
     return Watch(model, optimizer, run, **options)

@@ -74,11 +74,11 @@ def test_a_failing_hook_switches_itself_off_and_training_goes_on(
     def boom(*a, **kw):
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(torch.nn.utils, "get_total_norm", boom)
+    monkeypatch.setattr(torch, "_foreach_norm", boom)
     before = [p.detach().clone() for p in model.parameters()]
     _steps(model, optimizer, 3)
     assert not watch.enabled
-    assert "monitoring failed in _before_step and is now off" in caplog.text
+    assert "monitoring failed in" in caplog.text and "is now off; training continues" in caplog.text
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)), \
         "the optimizer kept stepping"
     watch.close(timeout=0.1)

@@ -24,8 +24,45 @@ def _train(daemon: DaemonProcess, run: str, steps: int, record: Path, *extra: st
     cmd = [sys.executable, "-m", "runwatch.hooks.tinygpt", "--run", run, "--steps", str(steps),
            "--socket", str(daemon.socket), "--record", str(record), *extra]
     if step_times:
-        cmd += ["--step-times", str(step_times)]
+        cmd += ["--step-times", str(step_times), "--slow-step-dump", str(step_times) + ".stacks"]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+HOOK_BOUND_SECONDS = 0.25
+
+
+def _assert_never_blocked(conn, run: str, times: Path, what: str) -> None:
+    """The hook's own time per step stays small whatever the daemon does.
+
+    Whole-step times are printed, not asserted: on a 2-core machine a restarting daemon
+    and the test itself take CPU from training, which says nothing about the hook. When a
+    step was slow, the stacks of every thread at that moment are in the failure message.
+    """
+    _, hook = series(conn, run, 0, "hook_seconds")
+    step_times = sorted(json.loads(times.read_text()))
+    median_step = step_times[len(step_times) // 2]
+    print(f"\n{what}: hook time per step max {hook.max() * 1000:.2f} ms, median "
+          f"{np.median(hook) * 1000:.2f} ms; whole step median {median_step * 1000:.1f} ms,"
+          f" max {step_times[-1] * 1000:.1f} ms")
+    assert hook.max() < HOOK_BOUND_SECONDS, \
+        f"the hook took {hook.max():.3f}s in one step:\n{_slow_stacks(times)}"
+
+
+def _slow_stacks(times: Path) -> str:
+    text = Path(str(times) + ".stacks").read_text()
+    return "\n".join(chunk for chunk in text.split("--- ") if "Thread" in chunk)[-6000:]
+
+
+def _keys_by_step(conn, run: str) -> dict[int, set[str]]:
+    sets = {i: set(n.split("\n")) for i, n in conn.execute("SELECT id, names FROM metric_sets")}
+    rows = conn.execute(
+        "SELECT step, metric_set_id FROM samples WHERE stream_id = (SELECT s.id FROM streams s"
+        " JOIN runs r ON r.id = s.run_id WHERE r.name = ? AND s.rank = 0)", (run,))
+    out: dict[int, set[str]] = {}
+    for step, set_id in rows:
+        assert step not in out, f"step {step} stored twice"
+        out[step] = sets[set_id]
+    return out
 
 
 def _records(path: Path) -> list[dict]:
@@ -57,8 +94,23 @@ def test_points_stored_and_exported_are_the_points_sent(daemon: DaemonProcess, r
     np.testing.assert_allclose(lr, [r["learning_rate"] for r in sent], rtol=1e-12)
     steps, dt = series(conn, "e2e", 0, "step_duration_seconds")
     assert steps.tolist() == list(range(1, 120)) and bool(np.all(dt > 0))
-    # loss, grad norm and lr every step, step time from the second step: nothing else, nothing twice.
-    assert count_points(conn) == 3 * 120 + 119
+    # Every step carries the same signals (rates need a previous step): nothing else, nothing twice.
+    keys = _keys_by_step(conn, "e2e")
+    assert sorted(keys) == list(range(120))
+    every_step = {
+        "loss", "grad_norm", "learning_rate/0", "microbatch_grad_norm", "microbatch_grad_norm_std",
+        "group_grad_norm/blocks.0", "group_grad_norm/blocks.1", "group_grad_norm/embeddings",
+        "group_grad_norm/head", "group_grad_norm/other", "activation_norm/blocks.0",
+        "activation_norm/blocks.1", "tokens", "useful_tokens", "token_efficiency", "samples",
+        "batch_fingerprint", "hook_seconds", "guard_skipped", "guard_threshold",
+    }
+    rates = {"step_duration_seconds", "tokens_per_second", "samples_per_second"}
+    assert keys[0] == every_step
+    assert all(keys[s] == every_step | rates for s in range(1, 120))
+    assert count_points(conn) == 120 * len(every_step) + 119 * len(rates)
+    _, efficiency = series(conn, "e2e", 0, "token_efficiency")
+    _, tokens = series(conn, "e2e", 0, "tokens")
+    assert set(efficiency.tolist()) == {1.0} and set(tokens.tolist()) == {8 * 32}
 
     text = daemon.metrics_text()
     assert _metric_line(text, "runwatch_train_step", run="e2e", rank="0") == 119
@@ -67,7 +119,7 @@ def test_points_stored_and_exported_are_the_points_sent(daemon: DaemonProcess, r
         sent[-1]["grad_norm"], rel=1e-5)
     assert _metric_line(text, "runwatch_train_learning_rate", run="e2e", param_group="0") == \
         pytest.approx(sent[-1]["learning_rate"], rel=1e-12)
-    assert f"runwatch_ingest_points_total {float(3 * 120 + 119)}" in text
+    assert f"runwatch_ingest_points_total {float(count_points(conn))}" in text
 
     runs = daemon.query("runs", all=True)["runs"]
     assert [r["run"] for r in runs] == ["e2e"]
@@ -122,12 +174,8 @@ def test_kill9_daemon_mid_run_loses_nothing_and_never_stalls_a_step(
     got, loss = series(conn, "kill9", 0, "loss")
     assert got.tolist() == list(range(steps)), "every step arrives exactly once"
     np.testing.assert_allclose(loss, [r["loss"] for r in _records(record)], rtol=1e-6)
-    assert count_points(conn) == 3 * steps + steps - 1
-    step_times = json.loads(times.read_text())
-    worst = max(step_times)
-    print(f"\nkill -9 x2: {steps} steps, worst step {worst * 1000:.1f} ms (step "
-          f"{step_times.index(worst)}), median {sorted(step_times)[steps // 2] * 1000:.1f} ms")
-    assert worst < 0.5, f"a training step took {worst:.3f}s while the daemon was down"
+    assert sorted(_keys_by_step(conn, "kill9")) == list(range(steps))
+    _assert_never_blocked(conn, "kill9", times, "kill -9 x2")
 
 
 def test_daemon_absent_at_start_then_arrives(rootdir: Path) -> None:
@@ -195,8 +243,7 @@ def test_training_never_waits_for_a_stalled_daemon(daemon: DaemonProcess, rootdi
     cont.start()
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out
-    worst = max(json.loads(times.read_text()))
-    print(f"\ndaemon stopped for 4s: worst step {worst * 1000:.1f} ms")
-    assert worst < 0.5
-    steps, _ = series(Store.reader(daemon.store_path), "stalled", 0, "loss")
+    conn = Store.reader(daemon.store_path)
+    steps, _ = series(conn, "stalled", 0, "loss")
     assert steps.tolist() == list(range(300))
+    _assert_never_blocked(conn, "stalled", times, "daemon stopped for 4 s")

@@ -2,8 +2,8 @@
 
 The baseline is the last ``window`` *accepted* gradient norms, kept in a device ring
 buffer (default 128, active after 64, as OLMo-core's ``SkipStepOptimizer``). A step is a
-spike when its norm exceeds ``mean + sigma * std`` of the baseline, or, in ratio form,
-``ratio * median``; a NaN or Inf in the gradient norm or the loss is always a spike.
+spike when its norm exceeds ``mean + sigma * std`` of the baseline or, when ``ratio`` is
+given instead, ``ratio * median``; a NaN or Inf in the gradient norm or the loss is always a spike.
 Spikes never enter the baseline.
 
 How a skip is applied, per optimizer:
@@ -68,10 +68,10 @@ class SpikeGuard:
         n = self.count.clamp(min=1).to(torch.float64)
         mean = torch.where(valid, self.ring, 0.0).sum() / n
         var = torch.where(valid, (self.ring - mean) ** 2, 0.0).sum() / n
-        threshold = mean + self.sigma * var.sqrt()
-        if self.ratio is not None:
-            median = torch.where(valid, self.ring, float("nan")).nanmedian()
-            threshold = torch.minimum(threshold, self.ratio * median)
+        if self.ratio is None:
+            threshold = mean + self.sigma * var.sqrt()
+        else:
+            threshold = self.ratio * torch.where(valid, self.ring, float("nan")).nanmedian()
         armed = self.count >= self.warmup
         skip = (armed & (norm > threshold)) | ~finite
         accept = ~skip

@@ -8,8 +8,10 @@ hook, so the loop does not change. Per optimizer step it records (keys as sent):
 ``grad_norm``                  total L2 norm of the gradients the optimizer is about to use
 ``group_grad_norm/<group>``    the same per layer group: each repeated block, ``embeddings``,
                                ``head``, ``other``
-``microbatch_grad_norm``       mean norm of one backward pass's gradient (no DDP), and
-``microbatch_grad_norm_std``   its spread across the step's micro-batches
+``microbatch_grad_norm``       mean norm of one backward pass's gradient, and
+``microbatch_grad_norm_std``   its spread across the step's micro-batches (no DDP; switched
+                               on when a step has more than one forward, or always/never
+                               with ``microbatch_norms=True/False``)
 ``local_grad_norm``            under DDP: this rank's gradient norm before the all-reduce
 ``activation_norm/<layer>``    RMS of each watched layer's output
 ``loss``                       ``output.loss`` / ``output["loss"]``, mean over micro-batches
@@ -48,7 +50,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -151,10 +153,11 @@ class Watch:
         guard_ratio: float | None = None,
         layers: Sequence[str | torch.nn.Module] | None = None,
         group_norms: bool = True,
-        microbatch_norms: bool = True,
+        microbatch_norms: bool | Literal["auto"] = "auto",
         ignore_index: int = -100,
         pad_id: int | None = None,
         keep_batches: int = 2,
+        inputs_from_forward: bool = True,
         sender: Sender | None = None,
     ) -> None:
         if flush_every < 1:
@@ -185,6 +188,9 @@ class Watch:
         self._recent: deque[RecentBatch] = deque(maxlen=max(keep_batches, 0) or None)
         self._keep_batches = keep_batches
         self._set_found_inf = False
+        self._forwards_this_step = 0
+        self._mb_partial_step = False
+        self._microbatch_mode: bool | str = False
 
         self.buffer = StepBuffer(flush_every, self.device, self._emit)
         inner = _unwrap(model)
@@ -217,10 +223,14 @@ class Watch:
             optimizer.register_step_post_hook(self._after_step),
         ]
         if model is not None:
-            self._handles.append(model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+            if inputs_from_forward:
+                self._handles.append(model.register_forward_pre_hook(self._before_forward,
+                                                                     with_kwargs=True))
             self._handles.append(model.register_forward_hook(self._after_forward))
             self._attach_layers(inner, layers)
             self._attach_gradient_taps(model, microbatch_norms)
+        if self._microbatch_mode is True:
+            self._install_microbatch_taps()
         if self.guard_mode == "skip_sync":
             self._wrap_step_for_sync_skip()
         atexit.register(self.close)
@@ -266,13 +276,8 @@ class Watch:
                 self._local_sq = torch.zeros((), device=self.device, dtype=torch.float32)
             except RuntimeError as exc:
                 log.warning("runwatch: local_grad_norm is off: DDP already has a comm hook (%s)", exc)
-        elif microbatch_norms:
-            # Without DDP nothing rewrites gradients during backward, so the multi-grad hook's
-            # view of one backward's gradients is this micro-batch's alone.
-            params = [p for p in model.parameters() if p.requires_grad]
-            if params:
-                self._handles.append(torch.autograd.graph.register_multi_grad_hook(
-                    params, self._on_backward, mode="all"))
+        else:
+            self._microbatch_mode = microbatch_norms
 
     def _wrap_step_for_sync_skip(self) -> None:
         original = self.optimizer.step
@@ -357,10 +362,34 @@ class Watch:
     # -- hooks -------------------------------------------------------------------------
 
     @_guarded
+    def observe_inputs(self, *args: Any, **kwargs: Any) -> None:
+        """Count tokens, fingerprint and keep one training micro-batch's inputs.
+
+        Called for you by a forward pre-hook on the model; integrations whose model does not
+        receive the batch in ``forward`` (Lightning) call it with the batch instead.
+        """
+        self._inputs(args, kwargs)
+
+    @_guarded
+    def record_loss(self, loss: torch.Tensor) -> None:
+        """Add one micro-batch's loss; the step reports their mean. Stops ``.loss`` capture."""
+        self._user_loss = True
+        self.buffer.add("loss", loss)
+        self._last_loss = loss
+
+    @_guarded
     def _before_forward(self, module: torch.nn.Module, args: tuple[Any, ...],
                         kwargs: dict[str, Any]) -> None:
-        if not module.training or not torch.is_grad_enabled():
-            return
+        if module.training and torch.is_grad_enabled():
+            self._close_microbatch()
+            self._forwards_this_step += 1
+            if self._forwards_this_step == 2 and self._microbatch_mode == "auto" and \
+                    not hasattr(self, "_mb_sq"):
+                self._install_microbatch_taps()
+                self._mb_partial_step = True  # this step's first micro-batch went unseen
+            self._inputs(args, kwargs)
+
+    def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         counts = token_counts(args, kwargs, self.ignore_index, self.pad_id)
         if counts is not None:
             useful, total, samples = counts
@@ -391,15 +420,36 @@ class Watch:
             if rms is not None:
                 self.buffer.add(key, rms)
 
-    @_guarded
-    def _on_backward(self, grads: Sequence[torch.Tensor | None]) -> None:
-        norm = self._grad_norms.total(grads)
-        if norm is not None:
-            self.buffer.add("microbatch_grad_norm", norm)
-            self.buffer.add("microbatch_grad_norm_sq", norm.square())
+    def _install_microbatch_taps(self) -> None:
+        """Per-parameter gradient hooks: each sees one backward's gradient before it is added
+        to ``.grad``. (A multi-grad hook would be one call, but it breaks a user's
+        ``torch.autograd.grad`` on the parameters.) Costs two small kernels per parameter per
+        backward, so it is installed only once gradient accumulation is seen."""
+        self._mb_sq = torch.zeros((), device=self.device, dtype=torch.float32)
+        self._mb_open = False
+        for p in self._grad_norms.params:
+            if p.requires_grad:
+                self._handles.append(p.register_hook(self._on_param_grad))
+
+    def _on_param_grad(self, grad: torch.Tensor) -> None:
+        if self.enabled and not grad.is_sparse:
+            self._mb_sq.add_(torch.linalg.vector_norm(grad, dtype=torch.float32).square().to(self.device))
+            self._mb_open = True
+
+    def _close_microbatch(self) -> None:
+        if getattr(self, "_mb_open", False):
+            if not self._mb_partial_step:
+                norm = self._mb_sq.sqrt()
+                self.buffer.add("microbatch_grad_norm", norm)
+                self.buffer.add("microbatch_grad_norm_sq", norm.square())
+            self._mb_sq.zero_()
+            self._mb_open = False
 
     @_guarded
     def _before_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._close_microbatch()
+        self._forwards_this_step = 0
+        self._mb_partial_step = False
         computed = self._grad_norms.compute()
         if computed is None:
             return
@@ -539,6 +589,7 @@ def watch(
     (``auto``/``skip``/``skip_sync``/``observe``/``off``), ``guard_window``,
     ``guard_warmup``, ``guard_sigma``, ``guard_ratio``, ``layers`` (modules or names whose
     output norm is watched; default each repeated block), ``group_norms``,
-    ``microbatch_norms``, ``ignore_index``, ``pad_id``, ``keep_batches``.
+    ``microbatch_norms``, ``ignore_index``, ``pad_id``, ``keep_batches``,
+    ``inputs_from_forward``.
     """
     return Watch(model, optimizer, run, **options)

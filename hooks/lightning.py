@@ -1,0 +1,44 @@
+"""PyTorch Lightning: ``Trainer(callbacks=[RunwatchLightningCallback(run="my-run")])``.
+
+The loss comes from ``on_before_backward`` (what ``training_step`` returned), tokens from
+the batch when it is a mapping with ``input_ids`` / ``attention_mask`` / ``labels``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from runwatch.hooks.watch import Watch
+
+
+class RunwatchLightningCallback(pl.Callback):
+    def __init__(self, run: str | None = None, **options: Any) -> None:
+        self.run = run
+        self.options = options
+        self.watch: Watch | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.watch is None and trainer.optimizers:
+            self.options.setdefault("rank", trainer.global_rank)
+            self.options.setdefault("world_size", trainer.world_size)
+            self.watch = Watch(pl_module, trainer.optimizers[0], self.run,
+                               inputs_from_forward=False, **self.options)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        if self.watch is not None and isinstance(batch, Mapping):
+            self.watch.observe_inputs(**batch)
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           loss: torch.Tensor) -> None:
+        if self.watch is not None:
+            self.watch.record_loss(loss)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.watch is not None:
+            self.watch.close()
+            self.watch = None

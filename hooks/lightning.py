@@ -1,7 +1,8 @@
 """PyTorch Lightning: ``Trainer(callbacks=[RunwatchLightningCallback(run="my-run")])``.
 
 The loss comes from ``on_before_backward`` (what ``training_step`` returned), tokens from
-the batch when it is a mapping with ``input_ids`` / ``attention_mask`` / ``labels``.
+the batch when it is a mapping with ``input_ids`` / ``attention_mask`` / ``labels``, and the
+gradient norms and the guard run in ``on_before_optimizer_step``.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ class RunwatchLightningCallback(pl.Callback):
         if self.watch is None and trainer.optimizers:
             self.options.setdefault("rank", trainer.global_rank)
             self.options.setdefault("world_size", trainer.world_size)
-            self.watch = Watch(pl_module, trainer.optimizers[0], self.run,
-                               inputs_from_forward=False, **self.options)
+            # Lightning runs forward and backward inside optimizer.step(closure): gradients are
+            # ready at on_before_optimizer_step, not at the optimizer's pre-hook.
+            self.watch = Watch(pl_module, trainer.optimizers[0], self.run, inputs_from_forward=False,
+                               optimizer_pre_hook=False, **self.options)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                              batch: Any, batch_idx: int) -> None:
@@ -37,6 +40,11 @@ class RunwatchLightningCallback(pl.Callback):
                            loss: torch.Tensor) -> None:
         if self.watch is not None:
             self.watch.record_loss(loss)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        if self.watch is not None:
+            self.watch.before_optimizer_step()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.watch is not None:

@@ -5,9 +5,10 @@ forward (pre-)hooks on the model and its watched layers, and, under DDP, a commu
 hook, so the loop does not change. Per optimizer step it records (keys as sent):
 
 =============================  ==========================================================
-``grad_norm``                  total L2 norm of the gradients the optimizer is about to use
-``group_grad_norm/<group>``    the same per layer group: each repeated block, ``embeddings``,
-                               ``head``, ``other``
+``grad_norm``                  total L2 norm of the gradients: what ``clip_grad_norm_``
+                               returned (pre-clip) when the loop clips, else computed here
+``group_grad_norm/<group>``    per layer group (each repeated block, ``embeddings``, ``head``,
+                               ``other``), of the gradients as the optimizer applies them
 ``microbatch_grad_norm``       mean norm of one backward pass's gradient, and
 ``microbatch_grad_norm_std``   its spread across the step's micro-batches (no DDP; switched
                                on when a step has more than one forward, or always/never
@@ -46,6 +47,7 @@ import os
 import socket as socket_mod
 import sys
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -158,6 +160,8 @@ class Watch:
         pad_id: int | None = None,
         keep_batches: int = 2,
         inputs_from_forward: bool = True,
+        capture_clip: bool = True,
+        optimizer_pre_hook: bool = True,
         sender: Sender | None = None,
     ) -> None:
         if flush_every < 1:
@@ -218,10 +222,9 @@ class Watch:
             self.socket_path, hello, spool / f"{self.run}.rank{self.rank}.spool",
             spool_max_bytes=spool_max_bytes,
         )
-        self._handles: list[Any] = [
-            optimizer.register_step_pre_hook(self._before_step),
-            optimizer.register_step_post_hook(self._after_step),
-        ]
+        self._handles: list[Any] = [optimizer.register_step_post_hook(self._after_step)]
+        if optimizer_pre_hook:
+            self._handles.append(optimizer.register_step_pre_hook(self._before_step))
         if model is not None:
             if inputs_from_forward:
                 self._handles.append(model.register_forward_pre_hook(self._before_forward,
@@ -229,6 +232,8 @@ class Watch:
             self._handles.append(model.register_forward_hook(self._after_forward))
             self._attach_layers(inner, layers)
             self._attach_gradient_taps(model, microbatch_norms)
+        if capture_clip:
+            self._capture_clip_grad_norm()
         if self._microbatch_mode is True:
             self._install_microbatch_taps()
         if self.guard_mode == "skip_sync":
@@ -278,6 +283,36 @@ class Watch:
                 log.warning("runwatch: local_grad_norm is off: DDP already has a comm hook (%s)", exc)
         else:
             self._microbatch_mode = microbatch_norms
+
+    def _capture_clip_grad_norm(self) -> None:
+        """Reuse the norm ``clip_grad_norm_`` already computed (the pre-clip total).
+
+        ``torch.nn.utils.clip_grad_norm_`` is wrapped while the watch is attached (Trainer
+        and accelerate call it through that attribute); the wrapper passes everything through
+        and keeps the returned tensor when the parameters are this optimizer's. A script that
+        did ``from torch.nn.utils import clip_grad_norm_`` before calls the original; then
+        ``watch.log(grad_norm=...)`` does the same.
+        """
+        original = torch.nn.utils.clip_grad_norm_
+        ours = {id(p) for p in self._grad_norms.params}
+        me = weakref.ref(self)
+
+        @functools.wraps(original)
+        def clip_grad_norm_(parameters: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+            params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+            total = original(params, *args, **kwargs)
+            watch = me()
+            if watch is not None and watch.enabled and params and id(params[0]) in ours:
+                watch._user_grad_norm = total
+            return total
+
+        torch.nn.utils.clip_grad_norm_ = clip_grad_norm_  # type: ignore[assignment]
+
+        def restore() -> None:
+            if torch.nn.utils.clip_grad_norm_ is clip_grad_norm_:
+                torch.nn.utils.clip_grad_norm_ = original  # type: ignore[assignment]
+
+        self._restore_clip = restore
 
     def _wrap_step_for_sync_skip(self) -> None:
         original = self.optimizer.step
@@ -369,6 +404,12 @@ class Watch:
         receive the batch in ``forward`` (Lightning) call it with the batch instead.
         """
         self._inputs(args, kwargs)
+
+    def before_optimizer_step(self) -> None:
+        """Read gradients and run the guard now. For loops whose ``optimizer.step(closure)``
+        computes the gradients inside the step (Lightning), where the optimizer's pre-hook
+        would see the previous step's; pass ``optimizer_pre_hook=False`` and call this."""
+        self._before_step(self.optimizer, (), {})
 
     @_guarded
     def record_loss(self, loss: torch.Tensor) -> None:
@@ -524,6 +565,10 @@ class Watch:
         for h in self._handles:
             h.remove()
         self._handles = []
+        restore = getattr(self, "_restore_clip", None)
+        if restore is not None:
+            restore()
+            self._restore_clip = None
         unwrap = getattr(self, "_unwrap_step", None)
         if unwrap is not None:
             unwrap()
@@ -590,6 +635,6 @@ def watch(
     ``guard_warmup``, ``guard_sigma``, ``guard_ratio``, ``layers`` (modules or names whose
     output norm is watched; default each repeated block), ``group_norms``,
     ``microbatch_norms``, ``ignore_index``, ``pad_id``, ``keep_batches``,
-    ``inputs_from_forward``.
+    ``inputs_from_forward``, ``capture_clip``, ``optimizer_pre_hook``.
     """
     return Watch(model, optimizer, run, **options)

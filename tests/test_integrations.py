@@ -50,7 +50,7 @@ def test_huggingface_trainer_callback(daemon: DaemonProcess, tmp_path, monkeypat
     _, efficiency = series(conn, "hf", 0, "token_efficiency")
     # HF shuffles, but 6 steps of 4 are exactly one epoch of the 24 samples, and every batch
     # holds 64 tokens: the mean of the steps' efficiencies is the data set's.
-    dataset_mean = float(torch.stack([d["labels"] for d in data]).ne(-100).float().mean())
+    dataset_mean = float(torch.stack([d["labels"] for d in data]).ne(-100).double().mean())
     assert float(np.mean(efficiency)) == pytest.approx(dataset_mean, rel=1e-12)
     assert len(set(efficiency.tolist())) > 1
     blocks = {k for k in ("activation_norm/transformer.h.0", "activation_norm/transformer.h.1")
@@ -99,5 +99,5 @@ def test_lightning_callback(daemon: DaemonProcess, tmp_path) -> None:
     np.testing.assert_allclose(norm, module.seen_norm, rtol=1e-5)
     _, efficiency = series(conn, "lightning", 0, "token_efficiency")
     expected = [float((torch.stack([d["labels"] for d in data[i * 4:(i + 1) * 4]]) != -100)
-                      .float().mean()) for i in range(6)]
+                      .double().mean()) for i in range(6)]
     np.testing.assert_allclose(efficiency, expected, rtol=1e-12)

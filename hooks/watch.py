@@ -612,8 +612,12 @@ def _derive(batch: Batch) -> Batch:
                  None if out_present.all() else out_present)
 
 
-def _local_norm_allreduce(watch: Watch, bucket: Any) -> Any:
-    """DDP comm hook: add this bucket's local squared norm, then all-reduce as usual."""
+def _local_norm_allreduce(watch, bucket):  # type: ignore[no-untyped-def]
+    """DDP comm hook: add this bucket's local squared norm, then all-reduce as usual.
+
+    No annotations: DDP checks them against ``dist.GradBucket`` and, with postponed
+    evaluation of annotations in this module, would see strings and refuse the hook.
+    """
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     if watch.enabled:

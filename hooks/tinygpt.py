@@ -54,7 +54,7 @@ class TinyGPT(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> Output:
         t = input_ids.shape[1]
         x = self.embed(input_ids) + self.pos[:t]
-        mask = torch.triu(torch.full((t, t), float("-inf")), diagonal=1)
+        mask = torch.triu(torch.full((t, t), float("-inf"), device=input_ids.device), diagonal=1)
         for block in self.blocks:
             x = block(x, mask)
         logits = self.head(self.ln(x))

@@ -120,6 +120,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--json", help="also write the result here")
+    p.add_argument("--lean", action="store_true",
+                   help="also time the hook with the guard, layer and group norms off")
     a = p.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA device"
     torch.manual_seed(0)
@@ -137,21 +139,28 @@ def main() -> None:
     run_block(model, opt, batch, 10, naive=False)  # warm-up: kernels, allocator, optimizer state
     torch.cuda.synchronize()
     mem_bare = torch.cuda.memory_allocated()
-    rss_before = rss_bytes()
+    rss_start = rss_bytes()
     watch = runwatch.hooks.watch(model, opt, run="bench", socket=socket, spool_dir=spool)
-    run_block(model, opt, batch, 40, naive=False)  # warm the hook's buffers and pinned pool
+    run_block(model, opt, batch, 40, naive=False)  # first use: CUDA loads the hook's kernels
     mem_hooked = torch.cuda.memory_allocated()
-    rss_hooked = rss_bytes()
+    rss_warm = rss_bytes()
+    run_block(model, opt, batch, 200, naive=False)  # steady state: does anything keep growing?
+    rss_steady = rss_bytes()
     guard_mode = watch.guard_mode
     watch.close(timeout=1)
 
-    times: dict[str, list[float]] = {"bare": [], "hooked": [], "naive": []}
+    variants: dict[str, dict[str, object] | None] = {"bare": None, "hooked": {}, "naive": None}
+    if a.lean:
+        variants["hooked_lean"] = {"guard": "off", "layers": [], "group_norms": False}
+    times: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(a.rounds):
-        order = ["bare", "hooked", "naive"] if r % 2 == 0 else ["naive", "hooked", "bare"]
+        order = list(variants) if r % 2 == 0 else list(reversed(variants))
         for variant in order:
+            options = variants[variant]
             w = None
-            if variant == "hooked":
-                w = runwatch.hooks.watch(model, opt, run="bench", socket=socket, spool_dir=spool)
+            if options is not None:
+                w = runwatch.hooks.watch(model, opt, run="bench", socket=socket, spool_dir=spool,
+                                         **options)
                 run_block(model, opt, batch, 3, naive=False)  # first steps allocate columns
             times[variant] += run_block(model, opt, batch, a.steps, naive=variant == "naive")
             if w is not None:
@@ -167,10 +176,11 @@ def main() -> None:
         "guard_mode": guard_mode,
         "median_step_ms": {k: round(v * 1000, 3) for k, v in med.items()},
         "overhead_vs_bare_percent": {
-            k: round((med[k] / med["bare"] - 1) * 100, 2) for k in ("hooked", "naive")},
+            k: round((med[k] / med["bare"] - 1) * 100, 2) for k in times if k != "bare"},
         "p90_step_ms": {k: round(sorted(v)[math.ceil(0.9 * len(v)) - 1] * 1000, 3) for k, v in times.items()},
         "gpu_memory_added_bytes": mem_hooked - mem_bare,
-        "host_rss_added_bytes": rss_hooked - rss_before,
+        "host_rss_first_use_bytes": rss_warm - rss_start,
+        "host_rss_steady_growth_bytes_per_200_steps": rss_steady - rss_warm,
     }
     print(json.dumps(result, indent=2))
     if a.json:

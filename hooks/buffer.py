@@ -40,6 +40,7 @@ class _Window:
     host_values: np.ndarray
     present: np.ndarray
     counts: np.ndarray  # per device column: values added this step (0 = set, not added)
+    scale: np.ndarray
     extras: list[dict[str, Any]]
 
 
@@ -57,6 +58,10 @@ class StepBuffer:
         self._present_dev = np.zeros((rows, 16), dtype=bool)
         self._present_host = np.zeros((rows, 16), dtype=bool)
         self._counts = np.zeros((rows, 16))
+        self._scale = np.ones((rows, 16))
+        self._pending: dict[int, list[torch.Tensor]] = {}
+        self._vectors: dict[int, torch.Tensor] = {}
+        self._indices: dict[tuple[int, ...], torch.Tensor] = {}
         self._steps = np.zeros(rows, dtype=np.int64)
         self._times = np.zeros(rows)
         self._extras: list[dict[str, Any]] = [{} for _ in range(rows)]
@@ -65,24 +70,32 @@ class StepBuffer:
         self._pinned: list[torch.Tensor] = []
 
     # -- writing the current row ---------------------------------------------------------
+    #
+    # Device values are not written when they arrive: the row keeps references, and
+    # end_step() writes them all with a few kernels (one stack, one cast and one
+    # index_copy_ per dtype) instead of a copy kernel each. On a GPU every tiny kernel costs
+    # microseconds of GPU time; a step records dozens of values.
 
     def set(self, key: str, value: torch.Tensor) -> None:
         """Device value for this step; the last one written wins."""
         col = self._device_col(key)
-        self._dev[self.row, col].copy_(value.detach().reshape(()), non_blocking=True)
+        self._pending[col] = [value.detach().reshape(())]
         self._present_dev[self.row, col] = True
         self._counts[self.row, col] = 0
 
-    def add(self, key: str, value: torch.Tensor, average: bool = True) -> None:
+    def add(self, key: str, value: torch.Tensor, average: bool = True, scale: float = 1.0) -> None:
         """Device value summed over every ``add`` of this step; averaged unless told not to.
 
-        (e.g. the loss of each micro-batch is averaged; useful tokens are summed)
+        (e.g. the loss of each micro-batch is averaged; useful tokens are summed.) ``scale``
+        multiplies the result on the host, after the read-back, for free.
         """
         col = self._device_col(key)
-        if not self._present_dev[self.row, col]:
-            self._dev[self.row, col].zero_()
-        self._dev[self.row, col].add_(value.detach().reshape(()).to(torch.float64))
+        values = self._pending.get(col)
+        if values is None or not self._present_dev[self.row, col]:
+            values = self._pending[col] = []
+        values.append(value.detach().reshape(()))
         self._present_dev[self.row, col] = True
+        self._scale[self.row, col] = scale
         if average:
             self._counts[self.row, col] += 1
 
@@ -95,12 +108,12 @@ class StepBuffer:
         self._present_host[self.row, col] = True
 
     def set_many(self, keys: tuple[str, ...], values: torch.Tensor) -> None:
-        """Several device values at once (one kernel); ``keys`` must always come together."""
+        """Several device values at once (one vector); ``keys`` must be ``reserve``d together."""
         first = self._device_col(keys[0])
         for i, key in enumerate(keys[1:], 1):
             if self._device_col(key) != first + i:
                 raise ValueError("set_many keys must be allocated together, in order")
-        self._dev[self.row, first : first + len(keys)].copy_(values.detach(), non_blocking=True)
+        self._vectors[first] = values.detach()
         self._present_dev[self.row, first : first + len(keys)] = True
         self._counts[self.row, first : first + len(keys)] = 0
 
@@ -111,6 +124,31 @@ class StepBuffer:
             raise ValueError("reserve either all keys or none")
         for key in missing:
             self._device_col(key)
+
+    def _write_row(self) -> None:
+        row = self._dev[self.row]
+        by_dtype: dict[tuple[torch.dtype, torch.device], tuple[list[int], list[torch.Tensor]]] = {}
+        for col, values in self._pending.items():
+            value = values[0] if len(values) == 1 else torch.stack(values).sum()
+            cols, tensors = by_dtype.setdefault((value.dtype, value.device), ([], []))
+            cols.append(col)
+            tensors.append(value)
+        for cols, tensors in by_dtype.values():
+            stacked = torch.stack(tensors).to(self.device, torch.float64, non_blocking=True)
+            row.index_copy_(0, self._index(cols), stacked)
+        for first, vector in self._vectors.items():
+            row[first : first + vector.numel()].copy_(vector, non_blocking=True)
+        self._pending.clear()
+        self._vectors.clear()
+
+    def _index(self, cols: list[int]) -> torch.Tensor:
+        key = tuple(cols)
+        index = self._indices.get(key)
+        if index is None:
+            # Built once per distinct column set: a host-to-device copy of a few bytes.
+            index = torch.tensor(key, dtype=torch.int64).to(self.device, non_blocking=True)
+            self._indices[key] = index
+        return index
 
     def put(self, key: str, value: float) -> None:
         """Host value for this step."""
@@ -131,6 +169,7 @@ class StepBuffer:
 
     def end_step(self, step: int, t: float) -> bool:
         """Close the current row. Returns True when the window is full (call flush)."""
+        self._write_row()
         self._steps[self.row] = step
         self._times[self.row] = t
         self.row += 1
@@ -148,6 +187,7 @@ class StepBuffer:
                 self._dev = grown
                 self._present_dev = _grow(self._present_dev, col * 2)
                 self._counts = _grow(self._counts, col * 2)
+                self._scale = _grow(self._scale, col * 2, fill=1.0)
             self._dev_cols[key] = col
         return col
 
@@ -190,12 +230,14 @@ class StepBuffer:
             present=np.concatenate(
                 [self._present_dev[:rows, :n_dev], self._present_host[:rows, :n_host]], axis=1),
             counts=self._counts[:rows, :n_dev].copy(),
+            scale=self._scale[:rows, :n_dev].copy(),
             extras=self._extras[:rows],
         ))
         self._extras = [{} for _ in range(self.rows)]
         self._present_dev[:] = False
         self._present_host[:] = False
         self._counts[:] = 0
+        self._scale[:] = 1.0
         self.row = 0
 
     def _pinned_buffer(self, n_dev: int) -> torch.Tensor:
@@ -218,6 +260,7 @@ class StepBuffer:
                 self._pinned.append(w.host)
             added = w.counts > 0
             device_values[added] /= w.counts[added]
+            device_values *= w.scale
             values = np.concatenate([device_values, w.host_values], axis=1)
             batch = Batch(w.device_names + w.host_names, w.steps, w.times, values,
                           None if w.present.all() else w.present)
@@ -228,7 +271,7 @@ class StepBuffer:
         return len(self._windows)
 
 
-def _grow(a: np.ndarray, cols: int) -> np.ndarray:
-    grown = np.zeros((a.shape[0], cols), dtype=a.dtype)
+def _grow(a: np.ndarray, cols: int, fill: float = 0.0) -> np.ndarray:
+    grown = np.full((a.shape[0], cols), fill, dtype=a.dtype)
     grown[:, : a.shape[1]] = a
     return grown

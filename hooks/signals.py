@@ -100,13 +100,17 @@ class GradNorms:
         return self.norms(present).square().sum().sqrt()
 
 
-def activation_rms(output: Any) -> torch.Tensor | None:
-    """Root-mean-square of a layer's output (the first tensor of a tuple output)."""
+def activation_norm(output: Any) -> tuple[torch.Tensor, int] | None:
+    """L2 norm of a layer's output (the first tensor of a tuple) and its element count.
+
+    RMS is norm / sqrt(count); the division is left to the host, after the read-back, so
+    this is one kernel.
+    """
     if isinstance(output, (tuple, list)) and output:
         output = output[0]
     if not isinstance(output, torch.Tensor) or not output.is_floating_point() or output.numel() == 0:
         return None
-    return torch.linalg.vector_norm(output.detach(), dtype=torch.float32) / (output.numel() ** 0.5)
+    return torch.linalg.vector_norm(output.detach(), dtype=torch.float32), output.numel()
 
 
 def token_counts(args: tuple[Any, ...], kwargs: dict[str, Any], ignore_index: int,

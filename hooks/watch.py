@@ -62,7 +62,7 @@ from runwatch.hooks import __version__
 from runwatch.hooks.buffer import StepBuffer
 from runwatch.hooks.guard import GuardMode, SpikeGuard, resolve_mode
 from runwatch.hooks.sender import Batch, Sender
-from runwatch.hooks.signals import Fingerprint, GradNorms, activation_rms, repeated_blocks, token_counts
+from runwatch.hooks.signals import Fingerprint, GradNorms, activation_norm, repeated_blocks, token_counts
 
 log = logging.getLogger("runwatch.hooks")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -457,9 +457,10 @@ class Watch:
     @_guarded
     def _on_activation(self, key: str, output: Any) -> None:
         if torch.is_grad_enabled():
-            rms = activation_rms(output)
-            if rms is not None:
-                self.buffer.add(key, rms)
+            measured = activation_norm(output)
+            if measured is not None:
+                norm, count = measured
+                self.buffer.add(key, norm, scale=count ** -0.5)
 
     def _install_microbatch_taps(self) -> None:
         """Per-parameter gradient hooks: each sees one backward's gradient before it is added

@@ -122,6 +122,8 @@ def main() -> None:
     p.add_argument("--json", help="also write the result here")
     p.add_argument("--lean", action="store_true",
                    help="also time the hook with the guard, layer and group norms off")
+    p.add_argument("--ablate", action="store_true",
+                   help="also time the hook with each of those off, one at a time")
     a = p.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA device"
     torch.manual_seed(0)
@@ -152,6 +154,10 @@ def main() -> None:
     variants: dict[str, dict[str, object] | None] = {"bare": None, "hooked": {}, "naive": None}
     if a.lean:
         variants["hooked_lean"] = {"guard": "off", "layers": [], "group_norms": False}
+    if a.ablate:
+        variants["no_guard"] = {"guard": "off"}
+        variants["no_layers"] = {"layers": []}
+        variants["no_group_norms"] = {"group_norms": False}
     times: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(a.rounds):
         order = list(variants) if r % 2 == 0 else list(reversed(variants))

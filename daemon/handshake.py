@@ -17,10 +17,10 @@ class Hello(BaseModel):
     protocol: int
     role: Literal["hook", "cli"]
     run: str | None = None
-    rank: int = Field(default=0, ge=0)
-    world_size: int = Field(default=1, ge=1)
+    rank: int = Field(default=0, ge=0, lt=1 << 24)
+    world_size: int = Field(default=1, ge=1, le=1 << 24)
     host: str = Field(default="", max_length=255)
-    pid: int = Field(default=0, ge=0)
+    pid: int = Field(default=0, ge=0, lt=1 << 31)
     hook_version: str = Field(default="", max_length=64)
 
     @field_validator("run")

@@ -213,13 +213,22 @@ class Ingest:
 
     async def _read_frame(self, conn: Connection, body_timeout: float) -> tuple[Kind, bytes] | None:
         """The next frame, or None on a clean end of stream between frames."""
+        header = await self._read_header(conn)
+        if header is None:
+            return None
+        kind, length = header
+        return kind, await self._read_body(conn, length, body_timeout)
+
+    async def _read_header(self, conn: Connection) -> tuple[Kind, int] | None:
         try:
             header = await conn.reader.readexactly(protocol.HEADER.size)
         except asyncio.IncompleteReadError as exc:
             if not exc.partial:
                 return None
             raise ProtocolError("truncated", "connection closed inside a frame header") from None
-        kind, length = protocol.parse_header(header, self._settings().max_frame_bytes)
+        return protocol.parse_header(header, self._settings().max_frame_bytes)
+
+    async def _read_body(self, conn: Connection, length: int, body_timeout: float) -> bytes:
         try:
             # asyncio.timeout arms a timer; wait_for would also create a Task for every frame.
             async with asyncio.timeout(body_timeout):
@@ -232,7 +241,7 @@ class Ingest:
             raise ProtocolError(
                 "truncated", f"frame body of {length} bytes not received within {body_timeout:g}s"
             ) from None
-        return kind, payload
+        return payload
 
     async def _serve(self, conn: Connection) -> None:
         timeout = self._settings().handshake_timeout_seconds
@@ -301,13 +310,23 @@ class Ingest:
         log.info("hook connected: run %s rank %d/%d pid %d uid %d host %s",
                  run, rank, hello.world_size, conn.peer.pid, uid, hello.host)
         body_timeout = self._settings().handshake_timeout_seconds
-        while (frame := await self._read_frame(conn, body_timeout)):
-            kind, payload = frame
-            if kind != Kind.SAMPLES:
-                raise ProtocolError("unexpected", f"a hook connection may send SAMPLES, not {kind.name}")
-            samples = self._decoder.decode(payload)
-            size = len(payload)
+        while True:
+            # Reserve the frame's bytes in the in-flight budget before reading its body, so
+            # many connections cannot hold many large bodies outside the budget.
+            header = await self._read_header(conn)
+            if header is None:
+                break
+            kind, size = header
             await self._budget.acquire(size)
+            try:
+                payload = await self._read_body(conn, size, body_timeout)
+                if kind != Kind.SAMPLES:
+                    raise ProtocolError("unexpected",
+                                        f"a hook connection may send SAMPLES, not {kind.name}")
+                samples = self._decoder.decode(payload)
+            except BaseException:
+                self._budget.release(size)
+                raise
             self._outstanding += 1
             self._all_acked.clear()
             self._writer.submit(Write(stream.id, samples, self._on_committed(conn, samples.seq, size)))

@@ -145,6 +145,14 @@ class Store:
         hook_version: str,
     ) -> StreamInfo:
         now = time.time()
+        try:
+            return self._register_stream(run, rank, world_size, host, pid, uid, hook_version, now)
+        except BaseException:
+            self.forget_uncommitted()
+            raise
+
+    def _register_stream(self, run: str, rank: int, world_size: int, host: str, pid: int, uid: int,
+                         hook_version: str, now: float) -> StreamInfo:
         with self.conn:
             run_id = self._run_ids.get(run)
             if run_id is None:
@@ -170,6 +178,14 @@ class Store:
                 "SELECT id FROM streams WHERE run_id = ? AND rank = ?", (run_id, rank)
             ).fetchone()[0]
         return StreamInfo(int(stream_id), run, rank, world_size, host, pid, uid, hook_version)
+
+    def forget_uncommitted(self) -> None:
+        """After a rollback: drop cached ids that may belong to the rolled-back transaction."""
+        self._run_ids.clear()
+        self._metric_sets = {
+            tuple(names.split("\n")): set_id
+            for set_id, names in self.conn.execute("SELECT id, names FROM metric_sets")
+        }
 
     def metric_set_id(self, names: tuple[str, ...]) -> int:
         """Intern a metric set. Call inside the writer's transaction."""

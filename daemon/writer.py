@@ -141,6 +141,10 @@ class Writer:
                 store.touch_streams([(t, sid) for sid, t in last_seen.items()])
         except sqlite3.Error as exc:
             error = exc
+            try:
+                store.forget_uncommitted()
+            except sqlite3.Error:
+                store._metric_sets.clear()
             self.metrics.store_errors.labels(_store_error_kind(exc)).inc()
             log.error("store commit of %d frames failed: %s (not acknowledged; hooks will resend)",
                       len(writes), exc)

@@ -145,8 +145,11 @@ class StepBuffer:
         key = tuple(cols)
         index = self._indices.get(key)
         if index is None:
-            # Built once per distinct column set: a host-to-device copy of a few bytes.
-            index = torch.tensor(key, dtype=torch.int64).to(self.device, non_blocking=True)
+            # Built once per distinct column set, from pinned memory: no host sync.
+            index = torch.tensor(key, dtype=torch.int64)
+            if self.cuda:
+                index = index.pin_memory()
+            index = index.to(self.device, non_blocking=True)
             self._indices[key] = index
         return index
 
@@ -213,9 +216,11 @@ class StepBuffer:
             host = torch.empty(rows, 0, dtype=torch.float64)
         elif self.cuda:
             host = self._pinned_buffer(n_dev)
-            host[:rows, :n_dev].copy_(self._dev[:rows, :n_dev], non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
+            # Copy and event on the buffer's own device and stream, whatever the current device.
+            with torch.cuda.device(self.device):
+                host[:rows, :n_dev].copy_(self._dev[:rows, :n_dev], non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(self.device))
         else:
             host = self._dev[:rows, :n_dev].clone()
         self._windows.append(_Window(

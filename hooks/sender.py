@@ -114,29 +114,44 @@ class Spool:
         return dropped
 
     def start_replay(self) -> bool:
-        """Move the spool aside for replay (unless a replay is already pending)."""
-        if self.replay_path.exists():
-            return True
+        """Move the spool into the replay file (appending to one left unfinished).
+
+        Call only when no frames of the replay file are in flight: the file is deleted once
+        everything read from it has been acknowledged.
+        """
         if self.path.exists() and self.path.stat().st_size:
-            os.replace(self.path, self.replay_path)
-            return True
-        return False
+            if self.replay_path.exists():
+                data = self.replay_path.read_bytes()
+                complete = data[: _complete_length(data)]  # drop a torn tail before appending
+                self.replay_path.write_bytes(complete + self.path.read_bytes())
+                self.path.unlink()
+            else:
+                os.replace(self.path, self.replay_path)
+        return self.replay_path.exists()
 
     def replay_frames(self) -> list[bytes]:
         data = self.replay_path.read_bytes()
-        frames, pos = [], 0
-        while pos + protocol.HEADER.size <= len(data):
+        frames, pos, end = [], 0, _complete_length(data)
+        while pos < end:
             length, _kind = protocol.HEADER.unpack_from(data, pos)
-            end = pos + protocol.HEADER.size + length
-            if end > len(data):
-                break  # a torn write at the end of a crashed process's spool
-            frames.append(data[pos:end])
-            pos = end
+            frames.append(data[pos : pos + protocol.HEADER.size + length])
+            pos += protocol.HEADER.size + length
         return frames
 
     def finish_replay(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.replay_path.unlink()
+
+
+def _complete_length(data: bytes) -> int:
+    """Bytes of ``data`` made of whole frames (a crashed writer can leave a torn last one)."""
+    pos = 0
+    while pos + protocol.HEADER.size <= len(data):
+        length, _kind = protocol.HEADER.unpack_from(data, pos)
+        if pos + protocol.HEADER.size + length > len(data):
+            break
+        pos += protocol.HEADER.size + length
+    return pos
 
 
 def frame_seq(frame: bytes) -> int:
@@ -194,7 +209,7 @@ class Sender:
     def flush(self, timeout: float) -> bool:
         """Wait until everything queued has been acknowledged (True) or the timeout passes."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.refused is None:
             if self._queue.empty() and not self._pending and not self._replaying and \
                     not self.spool.size() and self._thread.is_alive():
                 return True
@@ -221,6 +236,7 @@ class Sender:
                 if self._sock is not None:
                     self._pump()
                 self._spill()
+                self._maybe_replay_while_connected()
             except Exception:  # the thread must survive anything; training must not notice
                 log.exception("runwatch sender: unexpected error; reconnecting")
                 self._disconnect()
@@ -299,19 +315,36 @@ class Sender:
         self._rx.clear()
         self.connected = True
         self._backoff = 0.1
-        if self.spool.start_replay():
-            for frame in self.spool.replay_frames():
-                seq = frame_seq(frame)
-                if seq not in self._pending:
-                    self._replaying.add(seq)
-                    self._pending[seq] = frame
-                    self._pending_bytes += len(frame)
-            if not self._replaying:
-                self.spool.finish_replay()
+        if not self._replaying:
+            self._load_replay()
         # Everything not yet acked goes again on the new connection, the spool first.
         self._unsent = [s for s in self._pending if s in self._replaying] + [
             s for s in self._pending if s not in self._replaying
         ]
+
+    def _load_replay(self) -> list[int]:
+        """Read spooled frames into memory to be sent; returns their seqs, oldest first."""
+        loaded: list[int] = []
+        if not self.spool.start_replay():
+            return loaded
+        for frame in self.spool.replay_frames():
+            seq = frame_seq(frame)
+            if seq not in self._pending:
+                self._replaying.add(seq)
+                self._pending[seq] = frame
+                self._pending_bytes += len(frame)
+                loaded.append(seq)
+        if not self._replaying:
+            self.spool.finish_replay()
+        return loaded
+
+    def _maybe_replay_while_connected(self) -> None:
+        """Frames spilled while connected (a slow daemon) go back out once it catches up."""
+        if self._sock is None or self._replaying or self._pending_bytes > self.memory_bytes // 2:
+            return
+        if self.spool.path.exists() or self.spool.replay_path.exists():
+            loaded = self._load_replay()
+            self._unsent = loaded + [s for s in self._unsent if s not in self._replaying]
 
     @staticmethod
     def _read_frame_blocking(sock: socket.socket) -> tuple[Kind, bytes]:

@@ -65,7 +65,13 @@ class GradNorms:
         key = tuple(values)
         t = self._index.get(key)
         if t is None:
-            t = self._index[key] = torch.tensor(key, dtype=torch.int64, device=self.device)
+            if len(self._index) >= 64:  # sets of present gradients that keep changing (MoE)
+                self._index.clear()
+            # From pinned memory with non_blocking: no host sync even the first time.
+            host = torch.tensor(key, dtype=torch.int64)
+            if self.device.type == "cuda":
+                host = host.pin_memory()
+            t = self._index[key] = host.to(self.device, non_blocking=True)
         return t
 
     def norms(self, grads: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -143,6 +149,7 @@ class Fingerprint:
         flat = ids.detach().reshape(-1).to(torch.int64)
         n = flat.numel()
         if self._weights.numel() < n:
-            g = torch.Generator().manual_seed(0x5EED)
-            self._weights = torch.randint(1, 2**31 - 1, (max(n, 1024),), generator=g).to(self.device)
+            # Generated on the device (no host copy); the same weights on every rank and run.
+            g = torch.Generator(device=self.device).manual_seed(0x5EED)
+            self._weights = torch.randint(1, 2**31 - 1, (max(n, 1024),), generator=g, device=self.device)
         return (flat * self._weights[:n]).sum().remainder(2**31 - 1)

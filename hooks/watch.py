@@ -44,6 +44,7 @@ import atexit
 import functools
 import logging
 import os
+import re
 import socket as socket_mod
 import sys
 import time
@@ -121,6 +122,15 @@ def _default_run(world_size: int) -> str:
     return stem if world_size > 1 else f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def safe_run_name(name: str | None) -> str | None:
+    """A run name the daemon accepts, made from a free-form one (HF ``run_name`` is often a
+    path such as ``meta-llama/Llama-3-8B``): other characters become ``-``."""
+    if not name:
+        return None
+    cleaned = re.sub(r"[^A-Za-z0-9_.:@+-]", "-", name).lstrip("_.:@+-")[:200]
+    return cleaned or None
+
+
 def _spool_dir() -> Path:
     env = os.environ.get("RUNWATCH_SPOOL_DIR")
     if env:
@@ -162,6 +172,7 @@ class Watch:
         inputs_from_forward: bool = True,
         capture_clip: bool = True,
         optimizer_pre_hook: bool = True,
+        start_step: int = 0,
         sender: Sender | None = None,
     ) -> None:
         if flush_every < 1:
@@ -176,11 +187,17 @@ class Watch:
         self.model = model
         self.optimizer = optimizer
         self.enabled = True
-        self.step = 0
+        self.step = start_step  # a resumed run continues its numbering; the daemon ignores repeats
         self.skipped_steps_requested = 0
         self.socket_path = paths.client_socket_path(socket)
         self.device = self._find_device(model, optimizer)
         self.guard_mode = resolve_mode(guard, optimizer)
+        self._optimizer_pre_hook = optimizer_pre_hook
+        if not optimizer_pre_hook and self.guard_mode == "skip_sync":
+            raise ValueError("guard='skip_sync' needs the optimizer pre-hook; use 'observe' or a "
+                             "fused optimizer with 'skip'")
+        if not optimizer_pre_hook:
+            capture_clip = False  # the loop clips after we read the gradients (Lightning)
         self.ignore_index, self.pad_id = ignore_index, pad_id
         self._hook_seconds = 0.0
         self._last_step_end: float | None = None
@@ -192,6 +209,7 @@ class Watch:
         self._recent: deque[RecentBatch] = deque(maxlen=max(keep_batches, 0) or None)
         self._keep_batches = keep_batches
         self._set_found_inf = False
+        self._our_found_inf: torch.Tensor | None = None
         self._forwards_this_step = 0
         self._mb_partial_step = False
         self._microbatch_mode: bool | str = False
@@ -277,7 +295,7 @@ class Watch:
         if ddp:
             # The comm hook sees each bucket of this rank's gradients before the all-reduce.
             try:
-                model.register_comm_hook(self, _local_norm_allreduce)
+                model.register_comm_hook((self, model.process_group), _local_norm_allreduce)
                 self._local_sq = torch.zeros((), device=self.device, dtype=torch.float32)
             except RuntimeError as exc:
                 log.warning("runwatch: local_grad_norm is off: DDP already has a comm hook (%s)", exc)
@@ -460,7 +478,10 @@ class Watch:
             measured = activation_norm(output)
             if measured is not None:
                 norm, count = measured
-                self.buffer.add(key, norm, scale=count ** -0.5)
+                # Sum of squares and element counts over the step's micro-batches; the host
+                # takes sqrt(sum / count), right also when micro-batches differ in size.
+                self.buffer.add(key, norm.square(), average=False)
+                self.buffer.put_add(key.replace("activation_norm/", "activation_count/", 1), count)
 
     def _install_microbatch_taps(self) -> None:
         """Per-parameter gradient hooks: each sees one backward's gradient before it is added
@@ -474,9 +495,15 @@ class Watch:
                 self._handles.append(p.register_hook(self._on_param_grad))
 
     def _on_param_grad(self, grad: torch.Tensor) -> None:
-        if self.enabled and not grad.is_sparse:
+        # Runs inside autograd: an exception here would abort the user's backward().
+        if not self.enabled or grad.is_sparse or grad.is_complex():
+            return
+        try:
             self._mb_sq.add_(torch.linalg.vector_norm(grad, dtype=torch.float32).square().to(self.device))
             self._mb_open = True
+        except Exception:
+            log.exception("runwatch: micro-batch gradient tap failed; monitoring is now off")
+            self._disable()
 
     def _close_microbatch(self) -> None:
         if getattr(self, "_mb_open", False):
@@ -496,6 +523,11 @@ class Watch:
         if computed is None:
             return
         total, per_group = computed
+        grad_scale = getattr(optimizer, "grad_scale", None)
+        if isinstance(grad_scale, torch.Tensor):
+            # GradScaler hands fused optimizers still-scaled gradients plus the scale.
+            inv = grad_scale.to(self.device, torch.float32).reciprocal()
+            total, per_group = total * inv, per_group * inv
         if self._user_grad_norm is not None:
             total, self._user_grad_norm = self._user_grad_norm, None
         self.buffer.set("grad_norm", total)
@@ -517,6 +549,7 @@ class Watch:
                 self._restore_found_inf = existing
             optimizer.found_inf = found  # type: ignore[attr-defined]
             self._set_found_inf = True
+            self._our_found_inf = found
         elif self.guard_mode == "skip_sync" and bool(skip.item()):  # the stated one sync per step
             self.skipped_steps_requested += 1
             raise _SkipStep
@@ -524,13 +557,19 @@ class Watch:
     @_guarded
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._set_found_inf:
-            restore = getattr(self, "_restore_found_inf", None)
-            if restore is not None:
-                optimizer.found_inf = restore  # type: ignore[attr-defined]
-                self._restore_found_inf = None
-            else:
-                del optimizer.found_inf  # type: ignore[attr-defined]
+            # Touch found_inf only if it is still ours: a GradScaler that set its own after us
+            # (Lightning's AMP order) deletes it itself.
+            if getattr(optimizer, "found_inf", None) is self._our_found_inf:
+                restore = getattr(self, "_restore_found_inf", None)
+                if restore is not None:
+                    optimizer.found_inf = restore  # type: ignore[attr-defined]
+                else:
+                    del optimizer.found_inf  # type: ignore[attr-defined]
+            self._restore_found_inf = None
+            self._our_found_inf = None
             self._set_found_inf = False
+        if not self._optimizer_pre_hook:
+            self._user_grad_norm = None  # a clip after our read belongs to no later step
         now = time.perf_counter()
         buf = self.buffer
         for i, group in enumerate(optimizer.param_groups):
@@ -579,7 +618,7 @@ class Watch:
 def _derive(batch: Batch) -> Batch:
     names = list(batch.names)
     cols = {n: i for i, n in enumerate(names)}
-    values, present = batch.values, batch.present
+    values, present = batch.values.copy(), batch.present
     new: list[tuple[str, np.ndarray, np.ndarray]] = []
 
     def col(name: str) -> tuple[np.ndarray, np.ndarray] | None:
@@ -601,10 +640,16 @@ def _derive(batch: Batch) -> Batch:
         if mb and mb_sq:
             new.append(("microbatch_grad_norm_std", np.sqrt(np.maximum(mb_sq[0] - mb[0] ** 2, 0.0)),
                         mb[1] & mb_sq[1]))
-    drop = cols.get("microbatch_grad_norm_sq")
-    if not new and drop is None:
+    for name, i in cols.items():
+        if name.startswith("activation_norm/"):
+            count = col("activation_count/" + name.split("/", 1)[1])
+            if count is not None:
+                values[:, i] = np.sqrt(values[:, i] / np.where(count[0] > 0, count[0], 1.0))
+    drop = {i for n, i in cols.items()
+            if n == "microbatch_grad_norm_sq" or n.startswith("activation_count/")}
+    if not new and not drop:
         return batch
-    keep = [i for i in range(len(names)) if i != drop]
+    keep = [i for i in range(len(names)) if i not in drop]
     out_names = tuple(names[i] for i in keep) + tuple(n for n, _, _ in new)
     out_values = np.concatenate([values[:, keep]] + [v[:, None] for _, v, _ in new], axis=1)
     base_present = np.ones_like(values, dtype=bool) if present is None else present
@@ -613,17 +658,19 @@ def _derive(batch: Batch) -> Batch:
                  None if out_present.all() else out_present)
 
 
-def _local_norm_allreduce(watch, bucket):  # type: ignore[no-untyped-def]
-    """DDP comm hook: add this bucket's local squared norm, then all-reduce as usual.
+def _local_norm_allreduce(state, bucket):  # type: ignore[no-untyped-def]
+    """DDP comm hook: add this bucket's local squared norm, then all-reduce as DDP would,
+    over DDP's own process group (HSDP, TP x DP).
 
     No annotations: DDP checks them against ``dist.GradBucket`` and, with postponed
     evaluation of annotations in this module, would see strings and refuse the hook.
     """
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
+    watch, process_group = state
     if watch.enabled:
         watch._local_sq.add_(torch.linalg.vector_norm(bucket.buffer(), dtype=torch.float32).square())
-    return default_hooks.allreduce_hook(None, bucket)  # type: ignore[arg-type]
+    return default_hooks.allreduce_hook(process_group, bucket)
 
 
 def watch(
@@ -640,6 +687,7 @@ def watch(
     ``guard_warmup``, ``guard_sigma``, ``guard_ratio``, ``layers`` (modules or names whose
     output norm is watched; default each repeated block), ``group_norms``,
     ``microbatch_norms``, ``ignore_index``, ``pad_id``, ``keep_batches``,
-    ``inputs_from_forward``, ``capture_clip``, ``optimizer_pre_hook``.
+    ``inputs_from_forward``, ``capture_clip``, ``optimizer_pre_hook``, ``start_step`` (the
+    step a resumed run continues from).
     """
     return Watch(model, optimizer, run, **options)

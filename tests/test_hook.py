@@ -109,3 +109,83 @@ def test_context_manager_and_watch_log(tmp_path: Path) -> None:
         optimizer.step()
     assert not watch.enabled and watch.step == 1
     assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
+
+
+def test_run_names_from_frameworks_are_made_safe() -> None:
+    from runwatch.hooks.watch import safe_run_name
+
+    assert safe_run_name("meta-llama/Llama 3-8B lr=3e-4") == "meta-llama-Llama-3-8B-lr-3e-4"
+    assert safe_run_name("__/x") == "x"
+    assert safe_run_name("") is None and safe_run_name("///") is None
+
+
+def test_activation_rms_is_right_when_micro_batches_differ_in_size(tmp_path: Path) -> None:
+    from runwatch.hooks.sender import Batch
+
+    model = TinyGPT()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    seen: list = []
+    model.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    sent: list[Batch] = []
+
+    class Capture:  # stands in for the sender: this test is about what the hook computes
+        dropped_points = 0
+
+        def put(self, batch: Batch) -> None:
+            sent.append(batch)
+
+        def flush(self, timeout: float) -> bool:
+            return True
+
+        def close(self, timeout: float = 0) -> None:
+            pass
+
+    watch = runwatch.hooks.watch(model, optimizer, run="rms", sender=Capture(), flush_every=1)
+    data = batches(0, batch=8)
+    x, y = next(data)
+    for part in (x[:2], x[2:]):  # micro-batches of 2 and 6 sequences
+        model(part, labels=part).loss.backward()
+    optimizer.step()
+    watch.flush()
+    expected = torch.cat([t.reshape(-1) for t in seen]).square().mean().sqrt().item()
+    batch = sent[0]
+    got = batch.values[0, batch.names.index("activation_norm/blocks.0")]
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert not any(n.startswith("activation_count/") for n in batch.names)
+    watch.close()
+
+
+def test_frames_spilled_while_connected_are_replayed_without_a_reconnect(daemon, tmp_path: Path) -> None:
+    """A slow (here: frozen) daemon makes the sender spill to disk while still connected;
+    once the daemon catches up, the spool is sent on the same connection."""
+    import signal
+    import time
+
+    import numpy as np
+
+    from runwatch.daemon.store import Store, series
+    from runwatch.hooks.sender import Batch, Sender
+
+    hello = {"protocol": 1, "role": "hook", "run": "spill", "rank": 0, "world_size": 1,
+             "host": "t", "pid": 1, "hook_version": "t"}
+    sender = Sender(daemon.socket, hello, tmp_path / "spill.spool", memory_bytes=4000)
+    deadline = time.monotonic() + 10
+    while not sender.connected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    daemon.proc.send_signal(signal.SIGSTOP)
+    try:
+        for step in range(200):
+            sender.put(Batch(("loss",), np.array([step]), np.array([time.time()]), np.array([[float(step)]])))
+        deadline = time.monotonic() + 10
+        while not (tmp_path / "spill.spool").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert (tmp_path / "spill.spool").exists(), "over its memory budget the sender spills"
+        assert sender.connected
+    finally:
+        daemon.proc.send_signal(signal.SIGCONT)
+    assert sender.flush(timeout=20), "everything acknowledged, spool included"
+    assert sender.connected and sender.dropped_points == 0
+    steps, values = series(Store.reader(daemon.store_path), "spill", 0, "loss")
+    assert steps.tolist() == list(range(200)) and values.tolist() == [float(s) for s in range(200)]
+    assert not (tmp_path / "spill.spool").exists() and not (tmp_path / "spill.replay").exists()
+    sender.close()

@@ -131,3 +131,12 @@ def test_many_bad_clients_in_a_row_do_not_stop_the_daemon(daemon: DaemonProcess,
         c.close()
     rejected = json.loads(json.dumps(daemon.status()))["ingest"]["rejected_frames_total"]
     assert rejected["unknown_kind"] == n * 10
+
+
+def test_absurd_handshake_numbers_are_refused_and_runs_stay_apart(daemon: DaemonProcess) -> None:
+    c = RawClient(daemon.socket)
+    c.send(protocol.json_frame(Kind.HELLO, {"protocol": 1, "role": "hook", "run": "alice",
+                                            "pid": 2**70}))
+    assert c.expect_error()["error"] == "bad_handshake"
+    a, b = RawClient(daemon.socket), RawClient(daemon.socket)
+    assert a.hello(run="alice")["stream"] != b.hello(run="bob")["stream"]

@@ -142,7 +142,7 @@ def test_activation_rms_is_right_when_micro_batches_differ_in_size(tmp_path: Pat
 
     watch = runwatch.hooks.watch(model, optimizer, run="rms", sender=Capture(), flush_every=1)
     data = batches(0, batch=8)
-    x, y = next(data)
+    x, _ = next(data)
     for part in (x[:2], x[2:]):  # micro-batches of 2 and 6 sequences
         model(part, labels=part).loss.backward()
     optimizer.step()

@@ -41,12 +41,11 @@ class _Window:
     present: np.ndarray
     counts: np.ndarray  # per device column: values added this step (0 = set, not added)
     scale: np.ndarray
-    extras: list[dict[str, Any]]
 
 
 class StepBuffer:
     def __init__(self, rows: int, device: torch.device,
-                 emit: Callable[[Batch, list[dict[str, Any]]], None]) -> None:
+                 emit: Callable[[Batch], None]) -> None:
         self.rows = rows
         self.device = device
         self.cuda = device.type == "cuda"
@@ -64,7 +63,6 @@ class StepBuffer:
         self._indices: dict[tuple[int, ...], torch.Tensor] = {}
         self._steps = np.zeros(rows, dtype=np.int64)
         self._times = np.zeros(rows)
-        self._extras: list[dict[str, Any]] = [{} for _ in range(rows)]
         self.row = 0
         self._windows: deque[_Window] = deque()
         self._pinned: list[torch.Tensor] = []
@@ -159,17 +157,6 @@ class StepBuffer:
         self._host[self.row, col] = value
         self._present_host[self.row, col] = True
 
-    def has(self, key: str) -> bool:
-        col = self._dev_cols.get(key)
-        if col is not None and self._present_dev[self.row, col]:
-            return True
-        col = self._host_cols.get(key)
-        return col is not None and bool(self._present_host[self.row, col])
-
-    def extra(self, key: str, value: Any) -> None:
-        """Host-side metadata of this step (not sent as a metric; given to ``emit``)."""
-        self._extras[self.row][key] = value
-
     def end_step(self, step: int, t: float) -> bool:
         """Close the current row. Returns True when the window is full (call flush)."""
         self._write_row()
@@ -236,9 +223,7 @@ class StepBuffer:
                 [self._present_dev[:rows, :n_dev], self._present_host[:rows, :n_host]], axis=1),
             counts=self._counts[:rows, :n_dev].copy(),
             scale=self._scale[:rows, :n_dev].copy(),
-            extras=self._extras[:rows],
         ))
-        self._extras = [{} for _ in range(self.rows)]
         self._present_dev[:] = False
         self._present_host[:] = False
         self._counts[:] = 0
@@ -269,11 +254,7 @@ class StepBuffer:
             values = np.concatenate([device_values, w.host_values], axis=1)
             batch = Batch(w.device_names + w.host_names, w.steps, w.times, values,
                           None if w.present.all() else w.present)
-            self._emit(batch, w.extras)
-
-    @property
-    def pending_windows(self) -> int:
-        return len(self._windows)
+            self._emit(batch)
 
 
 def _grow(a: np.ndarray, cols: int, fill: float = 0.0) -> np.ndarray:

@@ -178,7 +178,6 @@ class Sender:
         self.max_frame_bytes = max_frame_bytes
         self.io_timeout = io_timeout
         self.dropped_points = 0
-        self.acked_frames = 0
         self.connected = False
         self.refused: str | None = None
         self._queue: queue.Queue[Batch] = queue.Queue(maxsize=queue_batches)
@@ -193,7 +192,6 @@ class Sender:
         self._next_connect = 0.0
         self._backoff = 0.1
         self._stop = threading.Event()
-        self._idle = threading.Event()
         self._thread = threading.Thread(target=self._run, name="runwatch-sender", daemon=True)
         self._thread.start()
 
@@ -202,7 +200,6 @@ class Sender:
     def put(self, batch: Batch) -> None:
         try:
             self._queue.put_nowait(batch)
-            self._idle.clear()
         except queue.Full:
             self.dropped_points += batch.n_points
 
@@ -408,7 +405,6 @@ class Sender:
         if frame is None:
             return
         self._pending_bytes -= len(frame)
-        self.acked_frames += 1
         if seq in self._replaying:
             self._replaying.discard(seq)
             if not self._replaying:

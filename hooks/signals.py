@@ -7,7 +7,7 @@ Nothing here reads a tensor back to the host; shapes and counts that Python alre
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -98,19 +98,12 @@ class GradNorms:
         per_group.index_add_(0, group_index, squares)
         return squares.sum().sqrt(), per_group.sqrt()
 
-    def total(self, grads: Iterable[torch.Tensor | None]) -> torch.Tensor | None:
-        """Norm of one backward pass's gradients (before accumulation and all-reduce)."""
-        present = [g for g in grads if g is not None and not g.is_sparse]
-        if not present:
-            return None
-        return self.norms(present).square().sum().sqrt()
-
 
 def activation_norm(output: Any) -> tuple[torch.Tensor, int] | None:
     """L2 norm of a layer's output (the first tensor of a tuple) and its element count.
 
-    RMS is norm / sqrt(count); the division is left to the host, after the read-back, so
-    this is one kernel.
+    RMS is sqrt(sum of norm² / sum of counts) over a step's micro-batches; the division is
+    left to the host, after the read-back, so this is one kernel.
     """
     if isinstance(output, (tuple, list)) and output:
         output = output[0]

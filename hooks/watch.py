@@ -206,7 +206,7 @@ class Watch:
         self._last_loss: torch.Tensor | None = None
         self._shard: str | None = None
         self._offset: int | None = None
-        self._recent: deque[RecentBatch] = deque(maxlen=max(keep_batches, 0) or None)
+        self._recent: deque[RecentBatch] = deque(maxlen=max(keep_batches, 1))
         self._keep_batches = keep_batches
         self._set_found_inf = False
         self._our_found_inf: torch.Tensor | None = None
@@ -374,8 +374,6 @@ class Watch:
         self._shard, self._offset = shard, offset
         if offset is not None:
             self.buffer.put("data_offset", float(offset))
-        if shard is not None:
-            self.buffer.extra("shard", shard)
 
     def recent_batches(self) -> list[RecentBatch]:
         """The last ``keep_batches`` training batches, oldest first (held by reference)."""
@@ -596,7 +594,7 @@ class Watch:
 
     # -- emitting ----------------------------------------------------------------------
 
-    def _emit(self, batch: Batch, extras: list[dict[str, Any]]) -> None:
+    def _emit(self, batch: Batch) -> None:
         """Derive host-side ratios from a window that has reached the host, then send it."""
         self.sender.put(_derive(batch))
 

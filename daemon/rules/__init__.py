@@ -1,0 +1,1 @@
+"""The rules engine: YAML rules (spec), rolling baselines, evaluation, fixtures and hot reload."""

@@ -1,0 +1,188 @@
+"""Rolling baselines: what "normal" was for each series just before each step.
+
+One :class:`Window` serves one rule condition on one stream, for every metric column the
+condition selects (``activation_norm/*`` is many columns), so a batch of k steps x C
+columns is judged with a handful of numpy calls whatever k and C are.
+
+Cost and memory. The window keeps the last N steps (or, for a time window, at most
+``TIME_WINDOW_ROWS`` rows) per column: memory is bounded per series. The statistic is
+recomputed every ``refresh`` steps (N/16, at least 1), from the window as it stood before
+that chunk of steps, so a spike is never part of its own baseline and the work per point
+is O(16) window elements, O(1) amortized. EMA baselines are exact per step.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+from scipy.signal import lfilter
+
+from runwatch.daemon.rules.spec import Baseline
+
+TIME_WINDOW_ROWS = 4096
+MAD_TO_SIGMA = 1.4826
+FROZEN_ROWS = 100_000
+
+
+class Window:
+    """Baseline state of C columns of one stream. Rows are that stream's steps, in order."""
+
+    def __init__(self, spec: Baseline, frozen: tuple[int, int] | None, need_scale: bool) -> None:
+        self.spec = spec
+        self.frozen_range = frozen
+        self.need_scale = need_scale
+        self.by_time = spec.window.seconds is not None
+        self.rows = TIME_WINDOW_ROWS if self.by_time else int(spec.window.steps or 1)
+        self.refresh = 8 if self.by_time else max(1, self.rows // 16)
+        self.values = np.empty((0, 0))
+        self.times = np.empty(0)
+        self.count = np.zeros(0, dtype=np.int64)
+        self.ema = np.empty(0)
+        # Frozen baselines: rows collected inside the range, then one statistic held.
+        self._collected: list[np.ndarray] = []
+        self._frozen: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    @property
+    def columns(self) -> int:
+        return self.values.shape[1]
+
+    def widen(self, ncols: int) -> None:
+        """Make room for new columns (a metric seen for the first time)."""
+        extra = ncols - self.columns
+        if extra <= 0:
+            return
+        self.values = np.concatenate([self.values, np.full((len(self.values), extra), np.nan)], axis=1)
+        self.count = np.concatenate([self.count, np.zeros(extra, dtype=np.int64)])
+        self.ema = np.concatenate([self.ema, np.full(extra, np.nan)])
+        self._collected = [np.concatenate([c, np.full((len(c), extra), np.nan)], axis=1)
+                           for c in self._collected]
+        if self._frozen is not None:
+            center, scale, n = self._frozen
+            self._frozen = (np.append(center, [np.nan] * extra), np.append(scale, [np.nan] * extra),
+                            np.append(n, [0] * extra))
+
+    def judge(self, steps: np.ndarray, times: np.ndarray, x: np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(center, scale, ready), each k x C, for the k steps of ``x`` (non-finite = NaN);
+        then fold ``x`` into the window. ``scale`` is NaN unless a zscore needs it."""
+        x = np.where(np.isfinite(x), x, np.nan)
+        finite = ~np.isnan(x)
+        if self.frozen_range is not None:
+            return self._judge_frozen(steps, x)
+        before = self.count + np.cumsum(finite, axis=0) - finite
+        ready = before >= self.spec.min_samples
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            if self.spec.stat == "ema":
+                center, scale = self._ema(x), np.full_like(x, np.nan)
+            elif self.by_time:
+                center, scale = self._by_time(times, x)
+            else:
+                center, scale = self._by_steps(x)
+        self.count = self.count + finite.sum(axis=0)
+        return center, scale, ready
+
+    # -- statistics ------------------------------------------------------------------------
+
+    def _stat(self, w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+        nan = np.isnan(w).any()
+        if self.spec.stat == "median":
+            center = (np.nanmedian if nan else np.median)(w, axis=axis)
+            if not self.need_scale:
+                return center, np.full_like(center, np.nan)
+            dev = np.abs(w - np.expand_dims(center, axis))
+            return center, MAD_TO_SIGMA * (np.nanmedian if nan else np.median)(dev, axis=axis)
+        center = (np.nanmean if nan else np.mean)(w, axis=axis)
+        if not self.need_scale:
+            return center, np.full_like(center, np.nan)
+        return center, (np.nanstd if nan else np.std)(w, axis=axis)
+
+    def _by_steps(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        k, c, n, r = len(x), x.shape[1], self.rows, self.refresh
+        history = self.values
+        if len(history) < n:
+            history = np.concatenate([np.full((n - len(history), c), np.nan), history])
+        full = np.concatenate([history, x])
+        starts = np.arange(0, k, r)
+        windows = sliding_window_view(full, n, axis=0)[starts]  # chunks x C x n
+        center, scale = self._stat(windows, axis=-1)
+        self.values = full[-n:]
+        return _spread(center, r, k), _spread(scale, r, k)
+
+    def _by_time(self, times: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        k, c, r = len(x), x.shape[1], self.refresh
+        seconds = float(self.spec.window.seconds or 0.0)
+        full, full_t = np.concatenate([self.values, x]), np.concatenate([self.times, times])
+        h = len(self.values)
+        centers, scales = np.full((0, c), np.nan), np.full((0, c), np.nan)
+        rows_c, rows_s = [], []
+        for j in range(0, k, r):
+            lo = int(np.searchsorted(full_t[: h + j], times[j] - seconds, side="left"))
+            w = full[lo : h + j]
+            if len(w) == 0:
+                rows_c.append(np.full(c, np.nan))
+                rows_s.append(np.full(c, np.nan))
+                continue
+            cc, ss = self._stat(w, axis=0)
+            rows_c.append(cc)
+            rows_s.append(ss)
+        if rows_c:
+            centers, scales = np.stack(rows_c), np.stack(rows_s)
+        keep_from = int(np.searchsorted(full_t, full_t[-1] - seconds, side="left")) if len(full_t) else 0
+        keep_from = max(keep_from, len(full) - self.rows)
+        self.values, self.times = full[keep_from:], full_t[keep_from:]
+        return _spread(centers, r, k), _spread(scales, r, k)
+
+    def _ema(self, x: np.ndarray) -> np.ndarray:
+        a = 2.0 / (self.rows + 1)
+        state = self.ema.copy()
+        first = np.isnan(state)
+        if first.any():
+            # A column's EMA starts at its first finite value.
+            has = ~np.isnan(x)
+            idx = np.where(has.any(axis=0), has.argmax(axis=0), -1)
+            for col in np.flatnonzero(first & (idx >= 0)):
+                state[col] = x[idx[col], col]
+        filled = np.where(np.isnan(x), state, x)
+        filled = np.where(np.isnan(filled), 0.0, filled)
+        y, _ = lfilter([a], [1.0, -(1.0 - a)], filled, axis=0, zi=((1.0 - a) * np.nan_to_num(state))[None, :])
+        center = np.concatenate([state[None, :], y[:-1]])
+        self.ema = np.where(np.isnan(state), np.nan, y[-1])
+        return center
+
+    def _judge_frozen(self, steps: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        lo, hi = self.frozen_range  # type: ignore[misc]
+        k, c = x.shape
+        if self._frozen is None:
+            inside = (steps >= lo) & (steps <= hi)
+            if inside.any() and sum(map(len, self._collected)) < FROZEN_ROWS:
+                self._collected.append(x[inside])
+            if steps[-1] > hi:
+                data = np.concatenate(self._collected) if self._collected else np.full((0, c), np.nan)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    center, scale = self._stat(data, axis=0) if len(data) else (
+                        np.full(c, np.nan), np.full(c, np.nan))
+                self._frozen = (center, scale, (~np.isnan(data)).sum(axis=0))
+                self._collected = []
+        if self._frozen is None:
+            nan = np.full((k, c), np.nan)
+            return nan, nan, np.zeros((k, c), dtype=bool)
+        center, scale, n = self._frozen
+        ready = np.broadcast_to((n >= self.spec.min_samples) & (steps > hi)[:, None], (k, c))
+        return (np.broadcast_to(center, (k, c)), np.broadcast_to(scale, (k, c)), ready)
+
+
+def _spread(chunks: np.ndarray, r: int, k: int) -> np.ndarray:
+    """Per-chunk rows repeated over the chunk's steps."""
+    return chunks if r == 1 else np.repeat(chunks, r, axis=0)[:k]
+
+
+def describe(spec: Baseline, frozen: tuple[int, int] | None) -> str:
+    if frozen is not None:
+        return f"{spec.stat} of steps {frozen[0]}-{frozen[1]}"
+    what = {"median": "median", "mean": "mean", "ema": "EMA"}[spec.stat]
+    return f"{what} of the last {spec.window}"
+

@@ -1,0 +1,421 @@
+"""The rules engine: judges every committed step against its rules, emits firings and resolutions.
+
+Data flows one way: the writer commits a batch of steps, then hands each stream's new
+steps to :meth:`Engine.observe`; the clock drives :meth:`Engine.tick` for ``absent`` rules.
+Both return :class:`Event` s (a series starting or stopping to fire), which the writer stores
+with the decisions they name. The engine itself keeps only bounded per-series state.
+
+Threading: ``observe``/``tick``/``load`` run on the writer thread only. ``active()`` is read
+by the exporter's and the CLI's threads, hence the one lock around the firing table.
+
+A series is (rule, run, rank, metric). Per step, a condition is true or false; ``for`` asks
+for it to hold N consecutive steps (or T seconds) before the series fires, and it resolves
+at the first step the condition is false again. Steps reach the engine in order per stream:
+a step older than one already judged (a late replay) is stored but not judged.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import statistics
+import threading
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from runwatch.daemon.rules.baseline import Window, describe
+from runwatch.daemon.rules.spec import Condition, Leaf, LoadedRule, Rule
+
+SHARD_KEY = "data_shard"
+ZSCORE_FLOOR = 1e-3  # a spread below 0.1% of the center counts as 0.1% (flat series)
+ARRIVAL_HISTORY = 32
+MIN_ARRIVALS = 3
+
+
+@dataclass(frozen=True)
+class Event:
+    """A series started (``firing``) or stopped (``resolved``) firing."""
+
+    rule: str
+    version: str
+    severity: str
+    state: Literal["firing", "resolved"]
+    run: str
+    rank: int
+    metric: str
+    step: int
+    sample_time: float
+    value: float
+    baseline: float
+    window: str
+    summary: str
+    actions: tuple[str, ...]
+    labels: dict[str, str] = field(default_factory=dict)
+    shard: float | None = None
+
+    @property
+    def key(self) -> tuple[str, str, int, str]:
+        return (self.rule, self.run, self.rank, self.metric)
+
+
+@dataclass(frozen=True)
+class StreamRef:
+    id: int
+    run: str
+    rank: int
+
+
+# -- per-series state ---------------------------------------------------------------------
+
+
+class LeafState:
+    """One condition on one stream: its baseline window and its metric columns."""
+
+    def __init__(self, leaf: Leaf, frozen: tuple[int, int] | None) -> None:
+        self.leaf = leaf
+        self.window = (Window(leaf.baseline, frozen, need_scale=leaf.when.measure == "zscore")
+                       if leaf.baseline is not None else None)
+        self.window_text = describe(leaf.baseline, frozen) if leaf.baseline is not None else ""
+        self.keys: list[str] = []
+        self.cols: dict[str, int] = {}
+        self.prev = np.empty(0)        # last value per column, for delta
+        self.prev_step = np.empty(0, dtype=np.int64)
+        self.last_truth = False        # composite: truth carried when the metric is missing
+        self._select: dict[int, tuple[np.ndarray, np.ndarray, list[str]]] = {}
+
+    def select(self, set_id: int, names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """(block columns, state columns, keys) of the metrics this condition reads."""
+        cached = self._select.get(set_id)
+        if cached is None:
+            pattern = self.leaf.metric
+            literal = not any(c in pattern for c in "*?[")
+            picked = [i for i, n in enumerate(names)
+                      if (n == pattern if literal else fnmatch.fnmatchcase(n, pattern))]
+            keys = [names[i] for i in picked]
+            for k in keys:
+                if k not in self.cols:
+                    self.cols[k] = len(self.keys)
+                    self.keys.append(k)
+            n = len(self.keys)
+            if self.window is not None:
+                self.window.widen(n)
+            if len(self.prev) < n:
+                self.prev = np.concatenate([self.prev, np.full(n - len(self.prev), np.nan)])
+                self.prev_step = np.concatenate([self.prev_step, np.full(n - len(self.prev_step), -1)])
+            cached = (np.array(picked, dtype=np.intp), np.array([self.cols[k] for k in keys], dtype=np.intp),
+                      keys)
+            self._select[set_id] = cached
+        return cached
+
+    def judge(self, steps: np.ndarray, times: np.ndarray, block_cols: np.ndarray, state_cols: np.ndarray,
+              values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(truth, value, baseline), k x len(state_cols), and fold the steps into the state."""
+        x = values[:, block_cols]
+        cond = self.leaf.when
+        center = np.full_like(x, np.nan)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            if self.window is not None:
+                wide = np.full((len(x), self.window.columns), np.nan)
+                wide[:, state_cols] = x
+                c, s, ready = self.window.judge(steps, times, wide)
+                center, scale, ready = c[:, state_cols], s[:, state_cols], ready[:, state_cols]
+            if cond.kind == "nonfinite":
+                truth = ~np.isfinite(x)
+            else:
+                if cond.measure == "value":
+                    m = x
+                elif cond.measure == "delta":
+                    prev = np.concatenate([self.prev[state_cols][None, :], x[:-1]])
+                    prev_step = np.concatenate([self.prev_step[state_cols][None, :],
+                                                np.broadcast_to(steps[:-1, None], (len(x) - 1, len(state_cols)))])
+                    m = (x - prev) / np.maximum(steps[:, None] - prev_step, 1)
+                    m[prev_step < 0] = np.nan
+                elif cond.measure == "ratio":
+                    m = x / center
+                else:
+                    floor = np.maximum(ZSCORE_FLOOR * np.abs(center), 1e-12)
+                    m = (x - center) / np.maximum(scale, floor)
+                truth = _compare(cond, m)
+                if self.window is not None:
+                    truth &= ready & np.isfinite(x)
+        self.prev[state_cols] = x[-1]
+        self.prev_step[state_cols] = steps[-1]
+        return truth, x, center
+
+
+def _compare(cond: Condition, m: np.ndarray) -> np.ndarray:
+    if cond.kind == "between":
+        return (m >= cond.low) & (m <= cond.high)
+    if cond.kind == "outside":
+        return (m < cond.low) | (m > cond.high)
+    return {">=": np.greater_equal, ">": np.greater, "<=": np.less_equal, "<": np.less}[cond.op](m, cond.low)
+
+
+class RuleState:
+    """A rule on one stream: its conditions and the ``for`` state of each output series."""
+
+    def __init__(self, loaded: LoadedRule, stream: StreamRef) -> None:
+        self.loaded = loaded
+        self.rule: Rule = loaded.rule
+        self.stream = stream
+        self.leaves = [LeafState(leaf, fr) for leaf, fr in zip(self.rule.leaves, loaded.frozen, strict=True)]
+        self.composite = len(self.leaves) > 1 or not isinstance(self.rule.when, Condition)
+        self.run_len = np.zeros(0, dtype=np.int64)
+        self.run_start = np.zeros(0)
+        self.firing = np.zeros(0, dtype=bool)
+
+    def grow(self, n: int) -> None:
+        extra = n - len(self.firing)
+        if extra > 0:
+            self.run_len = np.concatenate([self.run_len, np.zeros(extra, dtype=np.int64)])
+            self.run_start = np.concatenate([self.run_start, np.zeros(extra)])
+            self.firing = np.concatenate([self.firing, np.zeros(extra, dtype=bool)])
+
+    def active(self, truth: np.ndarray, cols: np.ndarray, times: np.ndarray) -> np.ndarray:
+        """Which steps x series satisfy ``for``, carrying the run of true steps across batches."""
+        k = len(truth)
+        idx = np.arange(k)[:, None]
+        last_false = np.maximum.accumulate(np.where(~truth, idx, -1), axis=0)
+        fresh = last_false < 0  # no false step yet in this batch: the run continues from before
+        run = np.where(truth, idx - last_false + np.where(fresh, self.run_len[cols], 0), 0)
+        start_idx = np.clip(last_false + 1, 0, k - 1)
+        start = np.where(fresh & (self.run_len[cols] > 0), self.run_start[cols], times[start_idx])
+        span = self.rule.for_
+        if span.steps is not None:
+            active = run >= span.steps
+        else:
+            active = truth & (times[:, None] - start >= float(span.seconds or 0.0))
+        self.run_len[cols] = run[-1]
+        self.run_start[cols] = start[-1]
+        return active
+
+
+# -- the engine ---------------------------------------------------------------------------
+
+
+@dataclass
+class StreamTrack:
+    ref: StreamRef
+    last_step: int = -1
+    last_arrival: float | None = None
+    gaps: deque[float] = field(default_factory=lambda: deque(maxlen=ARRIVAL_HISTORY))
+    shard: float | None = None
+
+
+class Engine:
+    def __init__(self, rules: Iterable[LoadedRule] = ()) -> None:
+        self.rules: list[LoadedRule] = []
+        self._states: dict[tuple[str, int], RuleState] = {}
+        self._per_stream: dict[int, list[RuleState]] = {}
+        self._streams: dict[int, StreamTrack] = {}
+        self._lock = threading.Lock()
+        self._active: dict[tuple[str, str, int, str], Event] = {}
+        self.load(list(rules))
+
+    # -- rules --------------------------------------------------------------------------------
+
+    def load(self, rules: list[LoadedRule], now: float = 0.0) -> list[Event]:
+        """Swap the rule set. State of an unchanged rule is kept; a changed rule keeps the
+        baselines of conditions that did not change. Series of a rule that changed or went
+        away are resolved (returned), and fire again if they still should."""
+        old = {lr.rule.name: lr for lr in self.rules}
+        new = {lr.rule.name: lr for lr in rules}
+        events: list[Event] = []
+        for key, st in list(self._states.items()):
+            name = key[0]
+            if name in new and new[name].rule.version == st.rule.version:
+                continue
+            why = "rule removed" if name not in new else "rule changed"
+            events += self._resolve_all(st, why, now)
+            del self._states[key]
+            if name in new:
+                fresh = RuleState(new[name], st.stream)
+                for leaf_new, leaf_old in zip(fresh.leaves, st.leaves, strict=False):
+                    if (leaf_new.leaf.metric, leaf_new.leaf.baseline, leaf_new.window_text) == (
+                            leaf_old.leaf.metric, leaf_old.leaf.baseline, leaf_old.window_text):
+                        leaf_new.window, leaf_new.keys, leaf_new.cols = leaf_old.window, leaf_old.keys, leaf_old.cols
+                        leaf_new.prev, leaf_new.prev_step = leaf_old.prev, leaf_old.prev_step
+                self._states[key] = fresh
+        del old
+        self.rules = list(rules)
+        self._per_stream.clear()
+        return events
+
+    def _rule_states(self, ref: StreamRef) -> list[RuleState]:
+        states = self._per_stream.get(ref.id)
+        if states is None:
+            states = []
+            for lr in self.rules:
+                if lr.rule.selects(ref.run, ref.rank):
+                    st = self._states.get((lr.rule.name, ref.id))
+                    if st is None:
+                        st = self._states[(lr.rule.name, ref.id)] = RuleState(lr, ref)
+                    states.append(st)
+            self._per_stream[ref.id] = states
+        return states
+
+    # -- judging ------------------------------------------------------------------------------
+
+    def observe(self, ref: StreamRef, set_id: int, names: tuple[str, ...], steps: np.ndarray,
+                times: np.ndarray, values: np.ndarray, now: float) -> list[Event]:
+        """Judge newly committed steps of one stream (one metric set, steps ascending)."""
+        track = self._streams.get(ref.id)
+        if track is None:
+            track = self._streams[ref.id] = StreamTrack(ref)
+        if len(steps) and steps[0] <= track.last_step:
+            keep = steps > track.last_step
+            steps, times, values = steps[keep], times[keep], values[keep]
+        if len(steps) == 0:
+            return []
+        track.last_step = int(steps[-1])
+        if track.last_arrival is not None and now > track.last_arrival:
+            track.gaps.append(now - track.last_arrival)
+        track.last_arrival = now
+        shards = values[:, names.index(SHARD_KEY)] if SHARD_KEY in names else None
+        events: list[Event] = []
+        for st in self._rule_states(ref):
+            if isinstance(st.rule.when, Condition) and st.rule.when.kind == "absent":
+                if len(st.firing) and st.firing[0]:
+                    events.append(self._event(st, "resolved", "", int(steps[0]), float(times[0]),
+                                              math.nan, math.nan, track.shard, "steps arrive again"))
+                    st.firing[0] = False
+                continue
+            events += self._judge(st, set_id, names, steps, times, values, shards, track)
+        if shards is not None:
+            track.shard = float(shards[-1])
+        return events
+
+    def _judge(self, st: RuleState, set_id: int, names: tuple[str, ...], steps: np.ndarray,
+               times: np.ndarray, values: np.ndarray, shards: np.ndarray | None,
+               track: StreamTrack) -> list[Event]:
+        k = len(steps)
+        if not st.composite:
+            ls = st.leaves[0]
+            block_cols, cols, keys = ls.select(set_id, names)
+            if len(cols) == 0:
+                return []
+            truth, x, center = ls.judge(steps, times, block_cols, cols, values)
+            out_keys = keys
+        else:
+            truths, x, center = [], None, None
+            for ls in st.leaves:
+                block_cols, cols, _ = ls.select(set_id, names)
+                if len(cols):
+                    t, xv, cv = ls.judge(steps, times, block_cols, cols, values)
+                    ls.last_truth = bool(t[-1, 0])
+                    if x is None:
+                        x, center = xv, cv
+                else:
+                    t = np.full((k, 1), ls.last_truth)
+                truths.append(t)
+            if x is None:
+                return []
+            reduce = np.logical_and if st.rule.when.mode == "all" else np.logical_or  # type: ignore[union-attr]
+            truth = reduce.reduce(truths)
+            cols, out_keys = np.zeros(1, dtype=np.intp), [st.leaves[0].leaf.metric]
+        st.grow(int(cols.max()) + 1)
+        active = st.active(truth, cols, times)
+        before = np.concatenate([st.firing[cols][None, :], active[:-1]])
+        changed = active != before
+        st.firing[cols] = active[-1]
+        if not changed.any():
+            return []
+        events = []
+        for i, j in zip(*np.nonzero(changed), strict=True):
+            shard = float(shards[i]) if shards is not None else track.shard
+            events.append(self._event(st, "firing" if active[i, j] else "resolved", out_keys[j],
+                                      int(steps[i]), float(times[i]), float(x[i, j]),
+                                      float(center[i, j]), shard))
+        return events
+
+    def tick(self, now: float, connected: Iterable[int]) -> list[Event]:
+        """Judge ``absent`` rules: a connected stream with no new step for too long."""
+        live = set(connected)
+        events: list[Event] = []
+        for sid, track in self._streams.items():
+            states = [st for st in self._rule_states(track.ref)
+                      if isinstance(st.rule.when, Condition) and st.rule.when.kind == "absent"]
+            for st in states:
+                st.grow(1)
+                span = st.rule.for_
+                if span.factor is not None:
+                    usual = statistics.median(track.gaps) if len(track.gaps) >= MIN_ARRIVALS else None
+                    limit = None if usual is None else max(span.factor * usual, span.at_least)
+                else:
+                    usual, limit = None, span.seconds
+                silent = now - track.last_arrival if track.last_arrival is not None else 0.0
+                stalled = sid in live and limit is not None and silent >= limit
+                if stalled and not st.firing[0]:
+                    st.firing[0] = True
+                    events.append(self._event(st, "firing", "", track.last_step, now, silent,
+                                              math.nan if usual is None else usual, track.shard))
+                elif not stalled and st.firing[0]:
+                    st.firing[0] = False
+                    why = "the hook disconnected" if sid not in live else "steps arrive again"
+                    events.append(self._event(st, "resolved", "", track.last_step, now, silent,
+                                              math.nan if usual is None else usual, track.shard, why))
+        return events
+
+    def forget_stream(self, stream_id: int) -> None:
+        self._streams.pop(stream_id, None)
+
+    # -- events -------------------------------------------------------------------------------
+
+    def _event(self, st: RuleState, state: Literal["firing", "resolved"], metric: str, step: int,
+               sample_time: float, value: float, baseline: float, shard: float | None,
+               why: str | None = None) -> Event:
+        rule = st.rule
+        window = st.leaves[0].window_text if st.leaves else ""
+        if isinstance(rule.when, Condition) and rule.when.kind == "absent":
+            window = "usual interval between arrivals"
+        summary = _summary(rule, st.stream, metric, step, value, baseline, window, shard, state, why)
+        event = Event(rule.name, rule.version, rule.severity, state, st.stream.run, st.stream.rank, metric,
+                      step, sample_time, value, baseline, window, summary, tuple(rule.actions),
+                      dict(rule.labels), shard)
+        with self._lock:
+            if state == "firing":
+                self._active[event.key] = event
+            else:
+                self._active.pop(event.key, None)
+        return event
+
+    def _resolve_all(self, st: RuleState, why: str, now: float) -> list[Event]:
+        events = []
+        with self._lock:
+            mine = [e for e in self._active.values() if e.rule == st.rule.name and e.run == st.stream.run
+                    and e.rank == st.stream.rank]
+        for e in mine:
+            events.append(self._event(st, "resolved", e.metric, e.step, now, e.value, e.baseline, e.shard, why))
+        return events
+
+    def active(self) -> list[Event]:
+        """Series firing now."""
+        with self._lock:
+            return list(self._active.values())
+
+
+def _summary(rule: Rule, stream: StreamRef, metric: str, step: int, value: float, baseline: float,
+             window: str, shard: float | None, state: str, why: str | None) -> str:
+    ratio = value / baseline if baseline not in (0.0,) and math.isfinite(baseline) else math.nan
+    fields: dict[str, Any] = {
+        "rule": rule.name, "run": stream.run, "rank": stream.rank, "metric": metric, "step": step,
+        "value": value, "baseline": baseline, "ratio": ratio, "window": window,
+        "severity": rule.severity, "shard": "unknown" if shard is None else f"{shard:.0f}",
+    }
+    text = None
+    if rule.summary:
+        try:
+            text = rule.summary.format(**fields)
+        except (ValueError, KeyError, IndexError, TypeError):
+            text = None
+    if text is None:
+        cond = rule.when if isinstance(rule.when, Condition) else f"{rule.when.mode} of conditions"
+        text = f"{rule.name}: {metric or 'stream'} {cond} (value {value:.4g}"
+        text += f", baseline {baseline:.4g}, {window})" if math.isfinite(baseline) else ")"
+    if state == "resolved":
+        text = f"resolved: {text}" + (f" [{why}]" if why else "")
+    return text

@@ -3,6 +3,10 @@
     runwatch daemon [--config FILE] [--socket PATH] [--state-dir DIR] ...
     runwatch status [--json]
     runwatch runs [--all] [--json]
+    runwatch alerts [--run NAME] [--limit N] [--json]
+    runwatch rules check [PATH ...] [--json]
+    runwatch rules test FILE ... [--json]
+    runwatch rules list [--json]
     runwatch demo
 """
 
@@ -12,6 +16,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +30,7 @@ from runwatch.daemon.config import ConfigError, load_settings
 EXIT_UNREACHABLE = 1
 EXIT_CONFIG = 2
 EXIT_STARTUP = 3
+EXIT_RULES = 4
 
 
 def _print_json(obj: Any) -> None:
@@ -148,6 +154,126 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- alerts ----------------------------------------------------------------------------
+
+_SEVERITY_STYLE = {"critical": "bold red", "warning": "yellow", "info": "cyan"}
+
+
+def cmd_alerts(args: argparse.Namespace) -> int:
+    try:
+        reply = _query(args, "alerts", run=args.run, limit=args.limit)
+    except DaemonUnreachable as exc:
+        Console(stderr=True).print(f"[red]runwatch daemon is not reachable[/red]: {exc}")
+        return EXIT_UNREACHABLE
+    if args.json:
+        _print_json(reply)
+        return 0
+    console = Console()
+    if not reply.get("enabled", True):
+        console.print("rules are switched off on this daemon (rules_enabled = false)")
+        return 0
+    firing = reply["firing"]
+    if firing:
+        table = Table(title="firing now")
+        for col in ("severity", "rule", "run", "rank", "step", "summary", "actions"):
+            table.add_column(col)
+        for a in firing:
+            style = _SEVERITY_STYLE.get(a["severity"], "")
+            table.add_row(f"[{style}]{a['severity']}[/]", a["rule"], a["run"], str(a["rank"]), str(a["step"]),
+                          a["summary"], ", ".join(a["actions"]))
+        console.print(table)
+    else:
+        console.print("nothing is firing")
+    recent = reply["recent"]
+    if recent:
+        table = Table(title=f"last {len(recent)} firings and resolutions, newest first")
+        for col in ("when", "state", "severity", "rule", "run", "rank", "step", "summary"):
+            table.add_column(col)
+        for e in recent:
+            style = _SEVERITY_STYLE.get(e["severity"], "")
+            when = time.strftime("%m-%d %H:%M:%S", time.localtime(e["time"]))
+            table.add_row(when, e["state"], f"[{style}]{e['severity']}[/]", e["rule"], e["run"],
+                          str(e["rank"]), str(e["step"]), e["summary"])
+        console.print(table)
+    return 0
+
+
+# -- rules -----------------------------------------------------------------------------
+
+
+def cmd_rules_check(args: argparse.Namespace) -> int:
+    from runwatch.daemon.rules.spec import load_rules
+
+    targets = args.paths or [paths.default_rules_dir()]
+    rules, errors = load_rules(targets)
+    problems = [f"{p}:{line}: {reason}" if line else f"{p}: {reason}"
+                for err in errors for p, line, reason in err.problems]
+    if args.json:
+        _print_json({"ok": not errors, "rules": len(rules), "errors": problems})
+    else:
+        for line in problems:
+            print(line, file=sys.stderr)
+        print(f"{len(rules)} rules OK" + (f"; {len(errors)} file(s) refused" if errors else "")
+              + f" ({', '.join(map(str, targets))})")
+    return EXIT_RULES if errors else 0
+
+
+def cmd_rules_test(args: argparse.Namespace) -> int:
+    from runwatch.daemon.rules.fixture import run_file
+    from runwatch.daemon.rules.spec import RuleError
+
+    files = [f for p in args.files for f in (sorted(p.glob("*.test.yaml")) if p.is_dir() else [p])]
+    results: list[dict[str, Any]] = []
+    failed = broken = 0
+    for path in files:
+        try:
+            outcomes = run_file(path)
+        except (OSError, RuleError) as exc:
+            broken += 1
+            results.append({"file": str(path), "error": str(exc)})
+            if not args.json:
+                print(f"ERROR {path}:\n{exc}", file=sys.stderr)
+            continue
+        for o in outcomes:
+            failed += not o.passed
+            results.append({"file": str(path), "test": o.name, "passed": o.passed, "explain": o.explain()})
+            if not args.json:
+                print(f"{'PASS' if o.passed else 'FAIL'} {path.name}: {o.name}")
+                if not o.passed:
+                    print(o.explain())
+    if args.json:
+        _print_json({"ok": not failed and not broken, "results": results})
+    else:
+        passed = sum(1 for r in results if r.get("passed"))
+        print(f"{passed} passed, {failed} failed" + (f", {broken} file(s) in error" if broken else ""))
+    if not files:
+        print("no test files given", file=sys.stderr)
+        return EXIT_RULES
+    return EXIT_RULES if failed or broken else 0
+
+
+def cmd_rules_list(args: argparse.Namespace) -> int:
+    try:
+        reply = _query(args, "rules")
+    except DaemonUnreachable as exc:
+        Console(stderr=True).print(f"[red]runwatch daemon is not reachable[/red]: {exc}")
+        return EXIT_UNREACHABLE
+    if args.json:
+        _print_json(reply)
+        return 0
+    table = Table(title="rules in force")
+    for col in ("rule", "severity", "actions", "version", "file"):
+        table.add_column(col)
+    for r in reply["rules"]:
+        style = _SEVERITY_STYLE.get(r["severity"], "")
+        table.add_row(r["name"], f"[{style}]{r['severity']}[/]", ", ".join(r["actions"]), r["version"],
+                      f"{r['file']}:{r['line']}")
+    Console().print(table)
+    for line in reply["errors"]:
+        Console(stderr=True).print(f"[red]refused[/red] {line}")
+    return 0
+
+
 # -- demo ------------------------------------------------------------------------------
 
 
@@ -182,6 +308,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="include runs that have gone away")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_runs)
+
+    p = sub.add_parser("alerts", help="rule series firing now, and recent firings and resolutions")
+    _socket_arg(p)
+    p.add_argument("--run", help="only this run")
+    p.add_argument("--limit", type=int, default=50, help="recent events shown (default 50)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_alerts)
+
+    rules = sub.add_parser("rules", help="check, test and list rules").add_subparsers(
+        dest="rules_command", required=True, metavar="SUBCOMMAND")
+    p = rules.add_parser("check", help="validate rule files; file:line: reason on error (exit 4)")
+    p.add_argument("paths", nargs="*", type=Path, help="files or folders (default: the shipped pack)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_rules_check)
+    p = rules.add_parser("test", help="run rule test files (*.test.yaml); exit 4 on any failure")
+    p.add_argument("files", nargs="+", type=Path, help="test files, or folders of *.test.yaml")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_rules_test)
+    p = rules.add_parser("list", help="the rules the daemon runs, and refused files")
+    _socket_arg(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_rules_list)
 
     p = sub.add_parser("demo", help="start a daemon, train a tiny model with the hook, show status")
     p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")

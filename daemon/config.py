@@ -53,6 +53,11 @@ class Settings(BaseSettings):
         default=300.0, gt=0, description="A run with no sample for this long is not listed as live."
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    rules: list[Path] = Field(
+        default_factory=lambda: [paths.default_rules_dir()],
+        description="Rule files or folders of *.yaml; saving one reloads it.",
+    )
+    rules_enabled: bool = True
 
     @field_validator("socket_mode", mode="before")
     @classmethod
@@ -84,6 +89,17 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().absolute()
+
+    @field_validator("rules")
+    @classmethod
+    def _rule_paths(cls, value: list[Path]) -> list[Path]:
+        out = []
+        for p in value:
+            p = p.expanduser().absolute()
+            if not p.exists():
+                raise ValueError(f"{p}: no such rule file or folder")
+            out.append(p)
+        return out
 
     @property
     def store_path(self) -> Path:

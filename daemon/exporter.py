@@ -23,6 +23,7 @@ from prometheus_client.registry import Collector
 
 from runwatch.daemon import __version__
 from runwatch.daemon.live import LiveView
+from runwatch.daemon.rules.engine import Engine
 
 log = logging.getLogger("runwatch.exporter")
 
@@ -97,6 +98,38 @@ class DaemonMetrics:
         )
         for kind in ("disk_full", "read_only", "busy", "other"):
             self.store_errors.labels(kind)
+        self.alert_transitions = Counter(
+            "runwatch_alert_transitions",
+            "Rule series that started (state=firing) or stopped (state=resolved) firing.",
+            ["rule", "severity", "state"],
+            registry=registry,
+        )
+        self.decisions = Counter(
+            "runwatch_rule_decisions",
+            "Actions named by rule firings (alert, pause, rewind, dump_batch, skip_shard, escalate).",
+            ["action"],
+            registry=registry,
+        )
+        self.rule_seconds = Counter(
+            "runwatch_rules_evaluation_seconds",
+            "Writer-thread time spent judging committed steps against the rules.",
+            registry=registry,
+        )
+        self.rules_loaded = Gauge("runwatch_rules_loaded", "Rules in force.", registry=registry)
+        self.rule_file_errors = Gauge(
+            "runwatch_rules_file_errors",
+            "Problems in a rule file whose current contents were refused (0 when it loads).",
+            ["file"],
+            registry=registry,
+        )
+        self.rule_reloads = Counter(
+            "runwatch_rules_reloads",
+            "Rule reloads, by result: ok, or refused when any file was refused.",
+            ["result"],
+            registry=registry,
+        )
+        for result in ("ok", "refused"):
+            self.rule_reloads.labels(result)
         Info("runwatch_build", "Version of the running daemon.", registry=registry).info(
             {"version": __version__}
         )
@@ -162,6 +195,30 @@ class TrainCollector(Collector):
                 continue
             names.add(family.name)
             yield family
+
+
+class AlertCollector(Collector):
+    """Series firing now, with the value and baseline that made them fire."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["rule", "severity", "run", "rank", "metric"]
+        firing = GaugeMetricFamily(
+            "runwatch_alerts_firing", "1 for each rule series firing now.", labels=labels)
+        value = GaugeMetricFamily(
+            "runwatch_alert_value", "The value that made a firing series fire.", labels=labels)
+        baseline = GaugeMetricFamily(
+            "runwatch_alert_baseline", "The baseline a firing series was judged against.", labels=labels)
+        for e in self.engine.active():
+            key = [e.rule, e.severity, e.run, str(e.rank), e.metric]
+            firing.add_metric(key, 1)
+            value.add_metric(key, e.value)
+            baseline.add_metric(key, e.baseline)
+        yield firing
+        yield value
+        yield baseline
 
 
 def serve(registry: CollectorRegistry, address: str, port: int) -> WSGIServer:

@@ -329,7 +329,7 @@ class Ingest:
                 raise
             self._outstanding += 1
             self._all_acked.clear()
-            self._writer.submit(Write(stream.id, samples, self._on_committed(conn, samples.seq, size)))
+            self._writer.submit(Write(stream, samples, self._on_committed(conn, samples.seq, size)))
 
     def _on_committed(self, conn: Connection, seq: int, size: int) -> Done:
         def done(error: BaseException | None) -> None:

@@ -64,3 +64,9 @@ def client_socket_path(explicit: str | os.PathLike[str] | None = None) -> Path:
     if not own.exists() and SYSTEM_SOCKET.exists():
         return SYSTEM_SOCKET
     return own
+
+
+def default_rules_dir() -> Path:
+    """The default rule pack shipped with runwatch (``rules/`` in the source tree, installed
+    as ``runwatch/rules``). Copy it to ``/etc/runwatch/rules`` to change it."""
+    return Path(__file__).resolve().parent.parent / "rules"

@@ -17,24 +17,32 @@ import socket
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prometheus_client import CollectorRegistry
 
 from runwatch.daemon import __version__
 from runwatch.daemon import store as store_mod
 from runwatch.daemon.config import ConfigError, Settings
-from runwatch.daemon.exporter import REJECT_REASONS, DaemonMetrics, TrainCollector, serve
+from runwatch.daemon.exporter import REJECT_REASONS, AlertCollector, DaemonMetrics, TrainCollector, serve
 from runwatch.daemon.ingest import Ingest
 from runwatch.daemon.live import LiveView
+from runwatch.daemon.rules.engine import Engine, Event, StreamRef
+from runwatch.daemon.rules.reload import RuleSource
+from runwatch.daemon.rules.spec import SEVERITY_ORDER
 from runwatch.daemon.store import Store, StoreError
 from runwatch.daemon.writer import Writer
 
 log = logging.getLogger("runwatch.daemon")
 
 RESTART_ONLY = ("socket", "socket_mode", "state_dir", "exporter_address", "exporter_port",
-                "exporter_enabled", "inflight_bytes")
+                "exporter_enabled", "inflight_bytes", "rules", "rules_enabled")
+TICK_SECONDS = 1.0
+#: Steps per stream replayed from the store at start, so baselines do not start cold.
+WARM_ROWS = 1024
 
 
 def _json_number(value: float) -> float | str:
@@ -93,9 +101,21 @@ class Daemon:
         self.registry = CollectorRegistry()
         self.metrics = DaemonMetrics(self.registry)
         self.registry.register(TrainCollector(self.live))
+        self.engine = Engine() if s.rules_enabled else None
+        self.rules: RuleSource | None = None
 
         ingest: Ingest | None = None
-        writer = Writer(store, self.live, self.metrics, lambda results: ingest.notify(results))  # type: ignore[union-attr]
+        writer = Writer(store, self.live, self.metrics, lambda results: ingest.notify(results),  # type: ignore[union-attr]
+                        engine=self.engine)
+        self._writer = writer
+        if self.engine is not None:
+            engine = self.engine
+            self.registry.register(AlertCollector(engine))
+            # The first load runs here, before the writer thread; later ones are queued to it.
+            self.rules = RuleSource(s.rules, lambda rules: engine.load(rules), self.metrics)
+            self.rules.load()
+            self.rules._apply = lambda rules: writer.call(lambda _: writer.record(engine.load(rules, time.time())))
+            self._warm_rules(store, engine)
         ingest = Ingest(lambda: self.settings, writer, self.live, self.metrics, self.query)
         self._ingest = ingest
         writer.start()
@@ -115,6 +135,9 @@ class Daemon:
                 host = s.exporter_address
                 host = f"[{host}]" if ":" in host else host
                 self.exporter_url = f"http://{host}:{exporter.server_port}/metrics"
+            if self.rules is not None:
+                self.rules.watch()
+            ticker = asyncio.create_task(self._tick()) if self.engine is not None else None
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -128,7 +151,11 @@ class Daemon:
             if not await ingest.wait_acked(timeout=30):
                 log.error("drain timed out; unacknowledged frames will be resent by the hooks")
             await ingest.close_all()
+            if ticker is not None:
+                ticker.cancel()
         finally:
+            if self.rules is not None:
+                self.rules.stop()
             writer.stop()
             store.close()
             if exporter is not None:
@@ -145,7 +172,34 @@ class Daemon:
         for stream_id, step, t, set_id, data in store_mod.latest_rows(store.conn):
             self.live.load_row(stream_id, step, t, sets[set_id], data)
 
+    async def _tick(self) -> None:
+        """Drive the clock-judged rules (``absent``) once a second."""
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            self._writer.tick([st.info.id for st in self.live.snapshot() if st.connections > 0])
+
+    def _warm_rules(self, store: Store, engine: Engine) -> None:
+        """Give baselines the last steps from the store, and close alerts left open by the last
+        daemon: they fire again if they still should."""
+        sets = store_mod.metric_sets(store.conn)
+        for info in store_mod.streams(store.conn):
+            ref = StreamRef(info.id, info.run, info.rank)
+            for step, t, set_id, data in store_mod.recent_rows(store.conn, info.id, WARM_ROWS):
+                names = sets[set_id]
+                values = np.frombuffer(data, dtype="<f8").reshape(1, len(names))
+                engine.observe(ref, set_id, names, np.array([step]), np.array([t]), values, now=t)
+        engine.clear_firing()
+        now = time.time()
+        with store.conn:
+            for rule, version, severity, run, rank, metric, step in store_mod.open_alerts(store.conn):
+                store.insert_event(now, Event(
+                    rule, version, severity, "resolved", run, rank, metric, step, now, math.nan, math.nan,
+                    "", f"resolved: {rule} on {run} rank {rank} [daemon restarted; judged again from new steps]",
+                    (), {}, None))
+
     def _reload_settings(self) -> None:
+        if self.rules is not None:
+            self.rules.load()
         if self._reload is None:
             return
         try:
@@ -169,7 +223,42 @@ class Daemon:
             return self.status()
         if op == "runs":
             return {"runs": self.runs(include_gone=bool(request.get("all")))}
-        return {"error": f"unknown query op {op!r}; known: status, runs"}
+        if op == "alerts":
+            return self.alerts(limit=int(request.get("limit") or 50), run=request.get("run"))
+        if op == "rules":
+            return self.rules_status()
+        return {"error": f"unknown query op {op!r}; known: status, runs, alerts, rules"}
+
+    def alerts(self, limit: int = 50, run: str | None = None) -> dict[str, Any]:
+        if self.engine is None:
+            return {"enabled": False, "firing": [], "recent": []}
+        firing = sorted(self.engine.active(), key=lambda e: (-SEVERITY_ORDER[e.severity], e.run, e.rank, e.rule))
+        conn = Store.reader(self.settings.store_path)
+        try:
+            recent = store_mod.alert_events(conn, limit=max(1, min(limit, 10_000)), run=run)
+        finally:
+            conn.close()
+        return {
+            "enabled": True,
+            "firing": [{**{k: _json_number(v) if isinstance(v, float) else v
+                           for k, v in asdict(e).items()}, "actions": list(e.actions)}
+                       for e in firing if run is None or e.run == run],
+            "recent": [{k: _json_number(v) if isinstance(v, float) else v for k, v in r.items()}
+                       for r in recent],
+        }
+
+    def rules_status(self) -> dict[str, Any]:
+        if self.rules is None:
+            return {"enabled": False, "rules": [], "errors": []}
+        return {
+            "enabled": True,
+            "paths": [str(p) for p in self.rules.paths],
+            "rules": [{"name": lr.rule.name, "version": lr.rule.version, "severity": lr.rule.severity,
+                       "file": str(lr.path), "line": lr.line, "actions": list(lr.rule.actions)}
+                      for lr in self.rules.rules],
+            "errors": [f"{p}:{line}: {reason}" if line else f"{p}: {reason}"
+                       for err in self.rules.errors for p, line, reason in err.problems],
+        }
 
     def _sample(self, name: str, labels: dict[str, str] | None = None) -> int:
         return int(self.registry.get_sample_value(name, labels or {}) or 0)
@@ -201,6 +290,12 @@ class Daemon:
                 },
             },
             "runs": {"live": len({st.info.run for st in self.live.live(s.live_run_seconds)})},
+            "rules": {
+                "enabled": self.rules is not None,
+                "loaded": len(self.rules.rules) if self.rules else 0,
+                "refused_files": len(self.rules.errors) if self.rules else 0,
+                "firing": len(self.engine.active()) if self.engine else 0,
+            },
         }
 
     def runs(self, include_gone: bool = False) -> list[dict[str, Any]]:

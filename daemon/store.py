@@ -16,16 +16,19 @@ connection with :meth:`Store.reader`. WAL lets them read while the writer commit
 
 from __future__ import annotations
 
+import json
+import math
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import sqlite_utils
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class StoreError(Exception):
@@ -125,6 +128,24 @@ class Store:
                 " data BLOB NOT NULL,"
                 " UNIQUE (stream_id, step))"
             )
+            # Every firing and resolution of a rule, as judged (value NULL = NaN), and the
+            # decisions (actions) a firing named, for the interventions to carry out.
+            self.conn.execute(
+                "CREATE TABLE IF NOT EXISTS alert_events ("
+                " id INTEGER PRIMARY KEY, time REAL NOT NULL, rule TEXT NOT NULL,"
+                " rule_version TEXT NOT NULL, severity TEXT NOT NULL, state TEXT NOT NULL,"
+                " run TEXT NOT NULL, rank INTEGER NOT NULL, metric TEXT NOT NULL, step INTEGER NOT NULL,"
+                " sample_time REAL, value REAL, baseline REAL, window TEXT, summary TEXT,"
+                " actions TEXT, labels TEXT, shard REAL)"
+            )
+            self.conn.execute("CREATE INDEX IF NOT EXISTS alert_events_series"
+                              " ON alert_events (rule, run, rank, metric, id)")
+            self.conn.execute(
+                "CREATE TABLE IF NOT EXISTS decisions ("
+                " id INTEGER PRIMARY KEY, event_id INTEGER NOT NULL REFERENCES alert_events(id),"
+                " time REAL NOT NULL, rule TEXT NOT NULL, run TEXT NOT NULL, rank INTEGER NOT NULL,"
+                " step INTEGER NOT NULL, action TEXT NOT NULL, status TEXT NOT NULL)"
+            )
             db["meta"].upsert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
         for set_id, names in self.conn.execute("SELECT id, names FROM metric_sets"):
             self._metric_sets[tuple(names.split("\n"))] = set_id
@@ -206,6 +227,50 @@ class Store:
     def touch_streams(self, last_seen: Sequence[tuple[float, int]]) -> None:
         self.conn.executemany("UPDATE streams SET last_seen = ? WHERE id = ?", last_seen)
 
+    def insert_event(self, now: float, e: AlertRow) -> int:
+        """Store one firing or resolution and, for a firing, a pending decision per action
+        other than ``alert``. Call inside a transaction; returns the event id."""
+        cur = self.conn.execute(
+            "INSERT INTO alert_events (time, rule, rule_version, severity, state, run, rank, metric, step,"
+            " sample_time, value, baseline, window, summary, actions, labels, shard)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (now, e.rule, e.version, e.severity, e.state, e.run, e.rank, e.metric, e.step, e.sample_time,
+             _real(e.value), _real(e.baseline), e.window, e.summary, json.dumps(list(e.actions)),
+             json.dumps(e.labels), e.shard),
+        )
+        event_id = int(cur.lastrowid or 0)
+        if e.state == "firing":
+            self.conn.executemany(
+                "INSERT INTO decisions (event_id, time, rule, run, rank, step, action, status)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 'pending')",
+                [(event_id, now, e.rule, e.run, e.rank, e.step, a) for a in e.actions if a != "alert"],
+            )
+        return event_id
+
+
+class AlertRow(Protocol):
+    rule: str
+    version: str
+    severity: str
+    state: str
+    run: str
+    rank: int
+    metric: str
+    step: int
+    sample_time: float
+    value: float
+    baseline: float
+    window: str
+    summary: str
+    actions: tuple[str, ...]
+    labels: dict[str, str]
+    shard: float | None
+
+
+def _real(x: float) -> float | None:
+    # SQLite stores NaN as NULL anyway; say so explicitly. ±Inf is stored as is.
+    return None if math.isnan(x) else x
+
 
 # -- reads (any thread, own connection) -------------------------------------------------
 
@@ -259,3 +324,48 @@ def count_points(conn: sqlite3.Connection) -> int:
     ):
         total += sizes[set_id] * n_rows
     return total
+
+
+def alert_events(conn: sqlite3.Connection, limit: int = 50, run: str | None = None) -> list[dict[str, Any]]:
+    """The newest ``limit`` firings and resolutions, newest first, with their decisions."""
+    where, args = ("WHERE run = ?", [run]) if run else ("", [])
+    rows = conn.execute(
+        "SELECT id, time, rule, rule_version, severity, state, run, rank, metric, step, value, baseline,"
+        f" window, summary, actions, shard FROM alert_events {where} ORDER BY id DESC LIMIT ?",
+        (*args, limit),
+    ).fetchall()
+    decided: dict[int, list[dict[str, Any]]] = {}
+    if rows:
+        for event_id, action, status in conn.execute(
+            "SELECT event_id, action, status FROM decisions WHERE event_id >= ? ORDER BY id", (rows[-1][0],)
+        ):
+            decided.setdefault(event_id, []).append({"action": action, "status": status})
+    keys = ("id", "time", "rule", "rule_version", "severity", "state", "run", "rank", "metric", "step",
+            "value", "baseline", "window", "summary", "actions", "shard")
+    out = []
+    for row in rows:
+        d = dict(zip(keys, row, strict=True))
+        d["value"] = math.nan if d["value"] is None else d["value"]
+        d["baseline"] = math.nan if d["baseline"] is None else d["baseline"]
+        d["actions"] = json.loads(d["actions"] or "[]")
+        d["decisions"] = decided.get(d["id"], [])
+        out.append(d)
+    return out
+
+
+def open_alerts(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+    """Series whose latest stored event is a firing: (rule, version, severity, run, rank, metric, step)."""
+    return conn.execute(
+        "SELECT e.rule, e.rule_version, e.severity, e.run, e.rank, e.metric, e.step FROM alert_events e"
+        " JOIN (SELECT MAX(id) AS id FROM alert_events GROUP BY rule, run, rank, metric) last"
+        " ON last.id = e.id WHERE e.state = 'firing'"
+    ).fetchall()
+
+
+def recent_rows(conn: sqlite3.Connection, stream_id: int, limit: int) -> list[tuple[int, float, int, bytes]]:
+    """The newest ``limit`` rows of a stream, oldest first: (step, time, metric_set_id, data)."""
+    rows = conn.execute(
+        "SELECT step, time, metric_set_id, data FROM samples WHERE stream_id = ? ORDER BY step DESC LIMIT ?",
+        (stream_id, limit),
+    ).fetchall()
+    return rows[::-1]

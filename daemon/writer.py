@@ -3,6 +3,10 @@
 Ingest hands it decoded frames; it groups whatever is queued into one transaction,
 commits, then reports each frame as done so ingest can ack it. Acknowledging only after
 the commit is what makes "reached the daemon" mean "survives kill -9".
+
+After acknowledging, it hands the committed steps to the rules engine (one call per stream
+and metric set, however many frames the commit held, which is what keeps rules cheap under
+load) and stores the firings, resolutions and decisions that come out.
 """
 
 from __future__ import annotations
@@ -15,13 +19,16 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import groupby, repeat
 from typing import Any
+
+import numpy as np
 
 from runwatch.daemon.exporter import DaemonMetrics
 from runwatch.daemon.live import LiveView
 from runwatch.daemon.protocol import Block, Samples
-from runwatch.daemon.store import Store
+from runwatch.daemon.rules.engine import Engine, Event, StreamRef
+from runwatch.daemon.store import Store, StreamInfo
 
 log = logging.getLogger("runwatch.writer")
 
@@ -30,9 +37,13 @@ Done = Callable[[BaseException | None], None]
 
 @dataclass
 class Write:
-    stream_id: int
+    stream: StreamInfo
     samples: Samples
     done: Done
+
+    @property
+    def stream_id(self) -> int:
+        return self.stream.id
 
 
 @dataclass
@@ -55,8 +66,11 @@ class Writer:
         live: LiveView,
         metrics: DaemonMetrics,
         notify: Callable[[list[tuple[Done, BaseException | None]]], None],
+        engine: Engine | None = None,
     ) -> None:
         self.store = store
+        self.engine = engine
+        self._refs: dict[int, StreamRef] = {}
         self.live = live
         self.metrics = metrics
         self._notify = notify
@@ -165,6 +179,65 @@ class Writer:
             self.metrics.frames.inc(len(writes))
             self.metrics.commit_seconds.observe(time.perf_counter() - started)
         self._notify([(w.done, error) for w in writes])
+        if error is None and self.engine is not None:
+            self._judge(writes)
+
+    # -- rules ----------------------------------------------------------------------------
+
+    def _judge(self, writes: list[Write]) -> None:
+        started = time.perf_counter()
+        engine = self.engine
+        assert engine is not None
+        now = time.time()
+        by_stream: dict[int, list[Block]] = {}
+        for w in writes:
+            if w.stream.id not in self._refs:
+                self._refs[w.stream.id] = StreamRef(w.stream.id, w.stream.run, w.stream.rank)
+            by_stream.setdefault(w.stream.id, []).extend(w.samples.blocks)
+        events: list[Event] = []
+        for stream_id, blocks in by_stream.items():
+            ref = self._refs[stream_id]
+            for names, group in groupby(blocks, key=lambda b: b.names):
+                run = list(group)
+                if len(run) == 1:
+                    steps, times, values = run[0].steps, run[0].times, run[0].values
+                else:
+                    steps = np.concatenate([b.steps for b in run])
+                    times = np.concatenate([b.times for b in run])
+                    values = np.concatenate([b.values for b in run])
+                if len(steps) > 1 and (np.diff(steps) <= 0).any():
+                    order = np.argsort(steps, kind="stable")
+                    steps, times, values = steps[order], times[order], values[order]
+                set_id = self.store.metric_set_id(names)
+                events += engine.observe(ref, set_id, names, steps, times, values, now)
+        self.metrics.rule_seconds.inc(time.perf_counter() - started)
+        self.record(events, now)
+
+    def tick(self, connected: list[int]) -> None:
+        """Judge ``absent`` rules now (queued: runs on this thread, in order with the writes)."""
+        if self.engine is not None:
+            engine = self.engine
+            self.call(lambda store: self.record(engine.tick(time.time(), connected)))
+
+    def record(self, events: list[Event], now: float | None = None) -> None:
+        """Store and count rule events. Writer thread only."""
+        if not events:
+            return
+        now = time.time() if now is None else now
+        for e in events:
+            self.metrics.alert_transitions.labels(e.rule, e.severity, e.state).inc()
+            log_fn = log.warning if e.state == "firing" and e.severity != "info" else log.info
+            log_fn("%s %s [%s] run %s rank %d: %s", e.state, e.rule, e.severity, e.run, e.rank, e.summary)
+            if e.state == "firing":
+                for action in e.actions:
+                    self.metrics.decisions.labels(action).inc()
+        try:
+            with self.store.conn:
+                for e in events:
+                    self.store.insert_event(now, e)
+        except sqlite3.Error as exc:
+            self.metrics.store_errors.labels(_store_error_kind(exc)).inc()
+            log.error("could not store %d alert events (%s); they were logged above", len(events), exc)
 
 
 def _store_error_kind(exc: sqlite3.Error) -> str:

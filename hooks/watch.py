@@ -23,6 +23,7 @@ hook, so the loop does not change. Per optimizer step it records (keys as sent):
 ``step_duration_seconds``      host wall time between optimizer steps
 ``hook_seconds``               host time spent inside these hooks during the step
 ``batch_fingerprint``          hash of the last micro-batch's token ids (< 2**31)
+``data_shard``, ``data_offset``  where the batch came from, when the loop calls ``batch()``
 ``guard_skipped``              1 when the spike guard refused the update, and
 ``guard_threshold``            the norm above which it would have
 =============================  ==========================================================
@@ -49,6 +50,7 @@ import socket as socket_mod
 import sys
 import time
 import weakref
+import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -120,6 +122,14 @@ def _default_run(world_size: int) -> str:
     stem = "".join(c if c.isalnum() or c in "_.-" else "-" for c in stem).strip("-.") or "run"
     # Ranks of one job must agree on the name, so only a single process adds a timestamp.
     return stem if world_size > 1 else f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def shard_id(shard: str | int) -> int:
+    """The number a shard is known by in the daemon (see :meth:`Watch.batch`)."""
+    text = str(shard).strip()
+    if text.isdigit() and len(text) <= 15:
+        return int(text)
+    return zlib.crc32(text.encode()) & 0x7FFFFFFF
 
 
 def safe_run_name(name: str | None) -> str | None:
@@ -369,9 +379,15 @@ class Watch:
                 self.buffer.put(key, float(value))
 
     @_guarded
-    def batch(self, shard: str | None = None, offset: int | None = None) -> None:
-        """Say where the coming batch comes from in the data (shard id and offset)."""
-        self._shard, self._offset = shard, offset
+    def batch(self, shard: str | int | None = None, offset: int | None = None) -> None:
+        """Say where the coming batch comes from in the data (shard id and offset).
+
+        The daemon names the shard in alerts by ``data_shard``: the shard itself when it is
+        a number (``17``, ``"00017"``), else a stable 31-bit CRC of its name.
+        """
+        self._shard, self._offset = None if shard is None else str(shard), offset
+        if shard is not None:
+            self.buffer.put("data_shard", float(shard_id(shard)))
         if offset is not None:
             self.buffer.put("data_offset", float(offset))
 

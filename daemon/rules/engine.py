@@ -31,7 +31,7 @@ from runwatch.daemon.rules.baseline import Window, describe
 from runwatch.daemon.rules.spec import Condition, Leaf, LoadedRule, Rule
 
 SHARD_KEY = "data_shard"
-ZSCORE_FLOOR = 1e-3  # a spread below 0.1% of the center counts as 0.1% (flat series)
+ZSCORE_FLOOR = 0.01  # a spread below 1% of the center counts as 1%: tiny moves of flat series are not news
 ARRIVAL_HISTORY = 32
 MIN_ARRIVALS = 3
 
@@ -272,6 +272,8 @@ class Engine:
         if len(steps) == 0:
             return []
         track.last_step = int(steps[-1])
+        silent = now - track.last_arrival if track.last_arrival is not None else 0.0
+        usual = statistics.median(track.gaps) if track.gaps else math.nan
         if track.last_arrival is not None and now > track.last_arrival:
             track.gaps.append(now - track.last_arrival)
         track.last_arrival = now
@@ -281,12 +283,14 @@ class Engine:
             if isinstance(st.rule.when, Condition) and st.rule.when.kind == "absent":
                 if len(st.firing) and st.firing[0]:
                     events.append(self._event(st, "resolved", "", int(steps[0]), float(times[0]),
-                                              math.nan, math.nan, track.shard, "steps arrive again"))
+                                              silent, usual, track.shard, "steps arrive again"))
                     st.firing[0] = False
                 continue
             events += self._judge(st, set_id, names, steps, times, values, shards, track)
         if shards is not None:
             track.shard = float(shards[-1])
+        if len(events) > 1:
+            events.sort(key=lambda e: e.step)
         return events
 
     def _judge(self, st: RuleState, set_id: int, names: tuple[str, ...], steps: np.ndarray,
@@ -391,6 +395,13 @@ class Engine:
         for e in mine:
             events.append(self._event(st, "resolved", e.metric, e.step, now, e.value, e.baseline, e.shard, why))
         return events
+
+    def clear_firing(self) -> None:
+        """Forget what fires (keeping baselines): after warming up from stored steps."""
+        for st in self._states.values():
+            st.firing[:] = False
+        with self._lock:
+            self._active.clear()
 
     def active(self) -> list[Event]:
         """Series firing now."""

@@ -59,6 +59,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         "exporter_address": args.exporter_address,
         "exporter_port": args.exporter_port,
         "log_level": args.log_level,
+        "rules": args.rules,
     }
     try:
         settings = load_settings(args.config, **flags)
@@ -296,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exporter-address", help="Prometheus exporter address (default 127.0.0.1)")
     p.add_argument("--exporter-port", type=int, help="Prometheus exporter port (0 = any free)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--rules", type=Path, action="append",
+                   help="rule file or folder (repeatable; default: the shipped pack)")
     p.set_defaults(func=cmd_daemon)
 
     p = sub.add_parser("status", help="the daemon's health and where it listens")

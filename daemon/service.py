@@ -108,17 +108,20 @@ class Daemon:
         writer = Writer(store, self.live, self.metrics, lambda results: ingest.notify(results),  # type: ignore[union-attr]
                         engine=self.engine)
         self._writer = writer
-        if self.engine is not None:
-            engine = self.engine
-            self.registry.register(AlertCollector(engine))
-            # The first load runs here, before the writer thread; later ones are queued to it.
-            self.rules = RuleSource(s.rules, lambda rules: engine.load(rules), self.metrics)
-            self.rules.load()
-            self.rules._apply = lambda rules: writer.call(lambda _: writer.record(engine.load(rules, time.time())))
-            self._warm_rules(store, engine)
         ingest = Ingest(lambda: self.settings, writer, self.live, self.metrics, self.query)
         self._ingest = ingest
         writer.start()
+        if self.engine is not None:
+            engine = self.engine
+            self.registry.register(AlertCollector(engine))
+            # The engine lives on the writer thread: rule sets are queued to it, in order with the writes.
+            self.rules = RuleSource(
+                s.rules,
+                lambda rules: writer.call(lambda _: writer.record(engine.load(rules, time.time()))),
+                self.metrics,
+            )
+            self.rules.load()
+            writer.call(lambda store: self._warm_rules(store, engine)).result()
         exporter = None
         try:
             try:
@@ -192,10 +195,9 @@ class Daemon:
         now = time.time()
         with store.conn:
             for rule, version, severity, run, rank, metric, step in store_mod.open_alerts(store.conn):
-                store.insert_event(now, Event(
-                    rule, version, severity, "resolved", run, rank, metric, step, now, math.nan, math.nan,
-                    "", f"resolved: {rule} on {run} rank {rank} [daemon restarted; judged again from new steps]",
-                    (), {}, None))
+                why = f"resolved: {rule} on {run} rank {rank} [daemon restarted; judged again from new steps]"
+                store.insert_event(now, Event(rule, version, severity, "resolved", run, rank, metric, step,
+                                              now, math.nan, math.nan, "", why, (), {}, None))
 
     def _reload_settings(self) -> None:
         if self.rules is not None:
@@ -232,7 +234,8 @@ class Daemon:
     def alerts(self, limit: int = 50, run: str | None = None) -> dict[str, Any]:
         if self.engine is None:
             return {"enabled": False, "firing": [], "recent": []}
-        firing = sorted(self.engine.active(), key=lambda e: (-SEVERITY_ORDER[e.severity], e.run, e.rank, e.rule))
+        firing = sorted(self.engine.active(),
+                        key=lambda e: (-SEVERITY_ORDER[e.severity], e.run, e.rank, e.rule))
         conn = Store.reader(self.settings.store_path)
         try:
             recent = store_mod.alert_events(conn, limit=max(1, min(limit, 10_000)), run=run)

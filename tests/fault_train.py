@@ -34,8 +34,9 @@ VOCAB, CONTEXT, BATCH, SHARD_STEPS = 64, 32, 8, 50
 FAULTS = ("bad_batch", "lr_blowup", "nan", "padding", "slow_loader", "input_shift")
 
 
-def make_batch(g: torch.Generator, min_len: int, max_len: int, vocab: int = VOCAB
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(
+    g: torch.Generator, min_len: int, max_len: int, vocab: int = VOCAB
+) -> tuple[torch.Tensor, torch.Tensor]:
     start = torch.randint(0, vocab, (BATCH, 1), generator=g)
     stride = torch.randint(1, 4, (BATCH, 1), generator=g)
     seq = (start + stride * torch.arange(CONTEXT + 1)) % vocab
@@ -54,7 +55,8 @@ def train(run: str, socket: str | None, steps: int, seed: int, fault: str | None
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     warmup = 100
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps))))
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.45 * (1 + math.cos(math.pi * s / steps)))
+    )
     watch = runwatch.hooks.watch(model, optimizer, run=run, socket=socket, flush_every=8)
     durations: list[float] = []
     for step in range(steps):

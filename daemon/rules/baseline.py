@@ -56,15 +56,20 @@ class Window:
         self.values = np.concatenate([self.values, np.full((len(self.values), extra), np.nan)], axis=1)
         self.count = np.concatenate([self.count, np.zeros(extra, dtype=np.int64)])
         self.ema = np.concatenate([self.ema, np.full(extra, np.nan)])
-        self._collected = [np.concatenate([c, np.full((len(c), extra), np.nan)], axis=1)
-                           for c in self._collected]
+        self._collected = [
+            np.concatenate([c, np.full((len(c), extra), np.nan)], axis=1) for c in self._collected
+        ]
         if self._frozen is not None:
             center, scale, n = self._frozen
-            self._frozen = (np.append(center, [np.nan] * extra), np.append(scale, [np.nan] * extra),
-                            np.append(n, [0] * extra))
+            self._frozen = (
+                np.append(center, [np.nan] * extra),
+                np.append(scale, [np.nan] * extra),
+                np.append(n, [0] * extra),
+            )
 
-    def judge(self, steps: np.ndarray, times: np.ndarray, x: np.ndarray
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def judge(
+        self, steps: np.ndarray, times: np.ndarray, x: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(center, scale, ready), each k x C, for the k steps of ``x`` (non-finite = NaN);
         then fold ``x`` into the window. ``scale`` is NaN unless a zscore needs it."""
         x = np.where(np.isfinite(x), x, np.nan)
@@ -163,8 +168,9 @@ class Window:
                 data = np.concatenate(self._collected) if self._collected else np.full((0, c), np.nan)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", RuntimeWarning)
-                    center, scale = self._stat(data, axis=0) if len(data) else (
-                        np.full(c, np.nan), np.full(c, np.nan))
+                    center, scale = (
+                        self._stat(data, axis=0) if len(data) else (np.full(c, np.nan), np.full(c, np.nan))
+                    )
                 self._frozen = (center, scale, (~np.isnan(data)).sum(axis=0))
                 self._collected = []
         if self._frozen is None:
@@ -185,4 +191,3 @@ def describe(spec: Baseline, frozen: tuple[int, int] | None) -> str:
         return f"{spec.stat} of steps {frozen[0]}-{frozen[1]}"
     what = {"median": "median", "mean": "mean", "ema": "EMA"}[spec.stat]
     return f"{what} of the last {spec.window}"
-

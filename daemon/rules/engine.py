@@ -77,14 +77,17 @@ class LeafState:
 
     def __init__(self, leaf: Leaf, frozen: tuple[int, int] | None) -> None:
         self.leaf = leaf
-        self.window = (Window(leaf.baseline, frozen, need_scale=leaf.when.measure == "zscore")
-                       if leaf.baseline is not None else None)
+        self.window = (
+            Window(leaf.baseline, frozen, need_scale=leaf.when.measure == "zscore")
+            if leaf.baseline is not None
+            else None
+        )
         self.window_text = describe(leaf.baseline, frozen) if leaf.baseline is not None else ""
         self.keys: list[str] = []
         self.cols: dict[str, int] = {}
-        self.prev = np.empty(0)        # last value per column, for delta
+        self.prev = np.empty(0)  # last value per column, for delta
         self.prev_step = np.empty(0, dtype=np.int64)
-        self.last_truth = False        # composite: truth carried when the metric is missing
+        self.last_truth = False  # composite: truth carried when the metric is missing
         self._select: dict[int, tuple[np.ndarray, np.ndarray, list[str]]] = {}
 
     def select(self, set_id: int, names: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -93,8 +96,11 @@ class LeafState:
         if cached is None:
             pattern = self.leaf.metric
             literal = not any(c in pattern for c in "*?[")
-            picked = [i for i, n in enumerate(names)
-                      if (n == pattern if literal else fnmatch.fnmatchcase(n, pattern))]
+            picked = [
+                i
+                for i, n in enumerate(names)
+                if (n == pattern if literal else fnmatch.fnmatchcase(n, pattern))
+            ]
             keys = [names[i] for i in picked]
             for k in keys:
                 if k not in self.cols:
@@ -106,13 +112,22 @@ class LeafState:
             if len(self.prev) < n:
                 self.prev = np.concatenate([self.prev, np.full(n - len(self.prev), np.nan)])
                 self.prev_step = np.concatenate([self.prev_step, np.full(n - len(self.prev_step), -1)])
-            cached = (np.array(picked, dtype=np.intp), np.array([self.cols[k] for k in keys], dtype=np.intp),
-                      keys)
+            cached = (
+                np.array(picked, dtype=np.intp),
+                np.array([self.cols[k] for k in keys], dtype=np.intp),
+                keys,
+            )
             self._select[set_id] = cached
         return cached
 
-    def judge(self, steps: np.ndarray, times: np.ndarray, block_cols: np.ndarray, state_cols: np.ndarray,
-              values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def judge(
+        self,
+        steps: np.ndarray,
+        times: np.ndarray,
+        block_cols: np.ndarray,
+        state_cols: np.ndarray,
+        values: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(truth, value, baseline), k x len(state_cols), and fold the steps into the state."""
         x = values[:, block_cols]
         cond = self.leaf.when
@@ -130,8 +145,12 @@ class LeafState:
                     m = x
                 elif cond.measure == "delta":
                     prev = np.concatenate([self.prev[state_cols][None, :], x[:-1]])
-                    prev_step = np.concatenate([self.prev_step[state_cols][None, :],
-                                                np.broadcast_to(steps[:-1, None], (len(x) - 1, len(state_cols)))])
+                    prev_step = np.concatenate(
+                        [
+                            self.prev_step[state_cols][None, :],
+                            np.broadcast_to(steps[:-1, None], (len(x) - 1, len(state_cols))),
+                        ]
+                    )
                     m = (x - prev) / np.maximum(steps[:, None] - prev_step, 1)
                     m[prev_step < 0] = np.nan
                 elif cond.measure == "ratio":
@@ -236,8 +255,15 @@ class Engine:
                 fresh = RuleState(new[name], st.stream)
                 for leaf_new, leaf_old in zip(fresh.leaves, st.leaves, strict=False):
                     if (leaf_new.leaf.metric, leaf_new.leaf.baseline, leaf_new.window_text) == (
-                            leaf_old.leaf.metric, leaf_old.leaf.baseline, leaf_old.window_text):
-                        leaf_new.window, leaf_new.keys, leaf_new.cols = leaf_old.window, leaf_old.keys, leaf_old.cols
+                        leaf_old.leaf.metric,
+                        leaf_old.leaf.baseline,
+                        leaf_old.window_text,
+                    ):
+                        leaf_new.window, leaf_new.keys, leaf_new.cols = (
+                            leaf_old.window,
+                            leaf_old.keys,
+                            leaf_old.cols,
+                        )
                         leaf_new.prev, leaf_new.prev_step = leaf_old.prev, leaf_old.prev_step
                 self._states[key] = fresh
         del old
@@ -260,8 +286,16 @@ class Engine:
 
     # -- judging ------------------------------------------------------------------------------
 
-    def observe(self, ref: StreamRef, set_id: int, names: tuple[str, ...], steps: np.ndarray,
-                times: np.ndarray, values: np.ndarray, now: float) -> list[Event]:
+    def observe(
+        self,
+        ref: StreamRef,
+        set_id: int,
+        names: tuple[str, ...],
+        steps: np.ndarray,
+        times: np.ndarray,
+        values: np.ndarray,
+        now: float,
+    ) -> list[Event]:
         """Judge newly committed steps of one stream (one metric set, steps ascending)."""
         track = self._streams.get(ref.id)
         if track is None:
@@ -282,8 +316,19 @@ class Engine:
         for st in self._rule_states(ref):
             if isinstance(st.rule.when, Condition) and st.rule.when.kind == "absent":
                 if len(st.firing) and st.firing[0]:
-                    events.append(self._event(st, "resolved", "", int(steps[0]), float(times[0]),
-                                              silent, usual, track.shard, "steps arrive again"))
+                    events.append(
+                        self._event(
+                            st,
+                            "resolved",
+                            "",
+                            int(steps[0]),
+                            float(times[0]),
+                            silent,
+                            usual,
+                            track.shard,
+                            "steps arrive again",
+                        )
+                    )
                     st.firing[0] = False
                 continue
             events += self._judge(st, set_id, names, steps, times, values, shards, track)
@@ -293,9 +338,17 @@ class Engine:
             events.sort(key=lambda e: e.step)
         return events
 
-    def _judge(self, st: RuleState, set_id: int, names: tuple[str, ...], steps: np.ndarray,
-               times: np.ndarray, values: np.ndarray, shards: np.ndarray | None,
-               track: StreamTrack) -> list[Event]:
+    def _judge(
+        self,
+        st: RuleState,
+        set_id: int,
+        names: tuple[str, ...],
+        steps: np.ndarray,
+        times: np.ndarray,
+        values: np.ndarray,
+        shards: np.ndarray | None,
+        track: StreamTrack,
+    ) -> list[Event]:
         k = len(steps)
         if not st.composite:
             ls = st.leaves[0]
@@ -331,9 +384,18 @@ class Engine:
         events = []
         for i, j in zip(*np.nonzero(changed), strict=True):
             shard = float(shards[i]) if shards is not None else track.shard
-            events.append(self._event(st, "firing" if active[i, j] else "resolved", out_keys[j],
-                                      int(steps[i]), float(times[i]), float(x[i, j]),
-                                      float(center[i, j]), shard))
+            events.append(
+                self._event(
+                    st,
+                    "firing" if active[i, j] else "resolved",
+                    out_keys[j],
+                    int(steps[i]),
+                    float(times[i]),
+                    float(x[i, j]),
+                    float(center[i, j]),
+                    shard,
+                )
+            )
         return events
 
     def tick(self, now: float, connected: Iterable[int]) -> list[Event]:
@@ -341,8 +403,11 @@ class Engine:
         live = set(connected)
         events: list[Event] = []
         for sid, track in self._streams.items():
-            states = [st for st in self._rule_states(track.ref)
-                      if isinstance(st.rule.when, Condition) and st.rule.when.kind == "absent"]
+            states = [
+                st
+                for st in self._rule_states(track.ref)
+                if isinstance(st.rule.when, Condition) and st.rule.when.kind == "absent"
+            ]
             for st in states:
                 st.grow(1)
                 span = st.rule.for_
@@ -355,13 +420,34 @@ class Engine:
                 stalled = sid in live and limit is not None and silent >= limit
                 if stalled and not st.firing[0]:
                     st.firing[0] = True
-                    events.append(self._event(st, "firing", "", track.last_step, now, silent,
-                                              math.nan if usual is None else usual, track.shard))
+                    events.append(
+                        self._event(
+                            st,
+                            "firing",
+                            "",
+                            track.last_step,
+                            now,
+                            silent,
+                            math.nan if usual is None else usual,
+                            track.shard,
+                        )
+                    )
                 elif not stalled and st.firing[0]:
                     st.firing[0] = False
                     why = "the hook disconnected" if sid not in live else "steps arrive again"
-                    events.append(self._event(st, "resolved", "", track.last_step, now, silent,
-                                              math.nan if usual is None else usual, track.shard, why))
+                    events.append(
+                        self._event(
+                            st,
+                            "resolved",
+                            "",
+                            track.last_step,
+                            now,
+                            silent,
+                            math.nan if usual is None else usual,
+                            track.shard,
+                            why,
+                        )
+                    )
         return events
 
     def forget_stream(self, stream_id: int) -> None:
@@ -369,17 +455,41 @@ class Engine:
 
     # -- events -------------------------------------------------------------------------------
 
-    def _event(self, st: RuleState, state: Literal["firing", "resolved"], metric: str, step: int,
-               sample_time: float, value: float, baseline: float, shard: float | None,
-               why: str | None = None) -> Event:
+    def _event(
+        self,
+        st: RuleState,
+        state: Literal["firing", "resolved"],
+        metric: str,
+        step: int,
+        sample_time: float,
+        value: float,
+        baseline: float,
+        shard: float | None,
+        why: str | None = None,
+    ) -> Event:
         rule = st.rule
         window = st.leaves[0].window_text if st.leaves else ""
         if isinstance(rule.when, Condition) and rule.when.kind == "absent":
             window = "usual interval between arrivals"
         summary = _summary(rule, st.stream, metric, step, value, baseline, window, shard, state, why)
-        event = Event(rule.name, rule.version, rule.severity, state, st.stream.run, st.stream.rank, metric,
-                      step, sample_time, value, baseline, window, summary, tuple(rule.actions),
-                      dict(rule.labels), shard)
+        event = Event(
+            rule.name,
+            rule.version,
+            rule.severity,
+            state,
+            st.stream.run,
+            st.stream.rank,
+            metric,
+            step,
+            sample_time,
+            value,
+            baseline,
+            window,
+            summary,
+            tuple(rule.actions),
+            dict(rule.labels),
+            shard,
+        )
         with self._lock:
             if state == "firing":
                 self._active[event.key] = event
@@ -390,10 +500,15 @@ class Engine:
     def _resolve_all(self, st: RuleState, why: str, now: float) -> list[Event]:
         events = []
         with self._lock:
-            mine = [e for e in self._active.values() if e.rule == st.rule.name and e.run == st.stream.run
-                    and e.rank == st.stream.rank]
+            mine = [
+                e
+                for e in self._active.values()
+                if e.rule == st.rule.name and e.run == st.stream.run and e.rank == st.stream.rank
+            ]
         for e in mine:
-            events.append(self._event(st, "resolved", e.metric, e.step, now, e.value, e.baseline, e.shard, why))
+            events.append(
+                self._event(st, "resolved", e.metric, e.step, now, e.value, e.baseline, e.shard, why)
+            )
         return events
 
     def clear_firing(self) -> None:
@@ -409,13 +524,31 @@ class Engine:
             return list(self._active.values())
 
 
-def _summary(rule: Rule, stream: StreamRef, metric: str, step: int, value: float, baseline: float,
-             window: str, shard: float | None, state: str, why: str | None) -> str:
+def _summary(
+    rule: Rule,
+    stream: StreamRef,
+    metric: str,
+    step: int,
+    value: float,
+    baseline: float,
+    window: str,
+    shard: float | None,
+    state: str,
+    why: str | None,
+) -> str:
     ratio = value / baseline if baseline not in (0.0,) and math.isfinite(baseline) else math.nan
     fields: dict[str, Any] = {
-        "rule": rule.name, "run": stream.run, "rank": stream.rank, "metric": metric, "step": step,
-        "value": value, "baseline": baseline, "ratio": ratio, "window": window,
-        "severity": rule.severity, "shard": "unknown" if shard is None else f"{shard:.0f}",
+        "rule": rule.name,
+        "run": stream.run,
+        "rank": stream.rank,
+        "metric": metric,
+        "step": step,
+        "value": value,
+        "baseline": baseline,
+        "ratio": ratio,
+        "window": window,
+        "severity": rule.severity,
+        "shard": "unknown" if shard is None else f"{shard:.0f}",
     }
     text = None
     if rule.summary:

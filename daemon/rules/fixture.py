@@ -35,8 +35,11 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from runwatch.daemon.rules.engine import Engine, Event, StreamRef
 from runwatch.daemon.rules.spec import RuleError, load_rules, parse_seconds, validate_yaml
 
-_TERM = re.compile(r"^(?P<start>[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?|[-+]?inf|nan|_)"
-                   r"(?:(?P<inc>[-+](?:\d+(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?))?(?:x(?P<n>\d+))?$", re.I)
+_TERM = re.compile(
+    r"^(?P<start>[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?|[-+]?inf|nan|_)"
+    r"(?:(?P<inc>[-+](?:\d+(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?))?(?:x(?P<n>\d+))?$",
+    re.I,
+)
 
 
 def expand(text: str) -> list[float | None]:
@@ -106,9 +109,13 @@ class Outcome:
     events: list[tuple[int, Event]]
 
     def explain(self) -> str:
-        lines = [f"  missing:    step {e.step} {e.rule} {e.state}" + (f" {e.metric}" if e.metric else "")
-                 for e in self.missing]
-        lines += [f"  unexpected: step {i} {e.rule} {e.state} {e.metric}: {e.summary}" for i, e in self.unexpected]
+        lines = [
+            f"  missing:    step {e.step} {e.rule} {e.state}" + (f" {e.metric}" if e.metric else "")
+            for e in self.missing
+        ]
+        lines += [
+            f"  unexpected: step {i} {e.rule} {e.state} {e.metric}: {e.summary}" for i, e in self.unexpected
+        ]
         return "\n".join(lines)
 
 
@@ -133,8 +140,10 @@ def run_case(case: Case, engine: Engine) -> list[tuple[int, Event]]:
             values = np.array([p[2] for p in pending[i:j]], dtype=np.float64).reshape(j - i, len(names))
             sid = set_ids.setdefault(names, len(set_ids))
             now = float(steps[-1]) * case.interval
-            events.extend((e.step, e) for e in engine.observe(ref, sid, names, steps, steps * case.interval,
-                                                                  values, now))
+            events.extend(
+                (e.step, e)
+                for e in engine.observe(ref, sid, names, steps, steps * case.interval, values, now)
+            )
             i = j
         pending.clear()
 
@@ -142,8 +151,12 @@ def run_case(case: Case, engine: Engine) -> list[tuple[int, Event]]:
         row = {k: v[step] for k, v in case.series.items() if step < len(v) and v[step] is not None}
         if row:
             names = tuple(sorted(row))
-            vals = [row[n] * (1.0 + case.noise * rng.standard_normal()) if case.noise and math.isfinite(row[n])
-                    else row[n] for n in names]
+            vals = [
+                row[n] * (1.0 + case.noise * rng.standard_normal())
+                if case.noise and math.isfinite(row[n])
+                else row[n]
+                for n in names
+            ]
             pending.append((step, names, vals))
         if len(pending) >= case.batch or step == length - 1:
             flush()
@@ -157,8 +170,17 @@ def check(case: Case, events: list[tuple[int, Event]]) -> Outcome:
     missing = list(case.expect)
     unexpected = []
     for i, e in compared:
-        hit = next((x for x in missing if x.step == i and x.rule == e.rule and x.state == e.state
-                    and (x.metric is None or x.metric == e.metric)), None)
+        hit = next(
+            (
+                x
+                for x in missing
+                if x.step == i
+                and x.rule == e.rule
+                and x.state == e.state
+                and (x.metric is None or x.metric == e.metric)
+            ),
+            None,
+        )
         if hit is None:
             unexpected.append((i, e))
         else:

@@ -27,8 +27,9 @@ _CHANGES = {"created", "modified", "deleted", "moved", "closed"}
 class RuleSource:
     """The rule files in force. ``apply`` receives each new rule set (on the caller's thread)."""
 
-    def __init__(self, paths: list[Path], apply: Callable[[list[LoadedRule]], None],
-                 metrics: DaemonMetrics) -> None:
+    def __init__(
+        self, paths: list[Path], apply: Callable[[list[LoadedRule]], None], metrics: DaemonMetrics
+    ) -> None:
         self.paths = paths
         self.rules: list[LoadedRule] = []
         self.errors: list[RuleError] = []
@@ -57,8 +58,12 @@ class RuleSource:
             self._error_files = set(counts)
             self._metrics.rules_loaded.set(len(rules))
             self._metrics.rule_reloads.labels("refused" if errors else "ok").inc()
-            log.info("rules: %d in force from %s%s", len(rules), ", ".join(map(str, self.paths)),
-                     f"; {len(errors)} file(s) refused" if errors else "")
+            log.info(
+                "rules: %d in force from %s%s",
+                len(rules),
+                ", ".join(map(str, self.paths)),
+                f"; {len(errors)} file(s) refused" if errors else "",
+            )
             return errors
 
     def watch(self) -> None:

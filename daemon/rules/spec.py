@@ -34,7 +34,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
 M = TypeVar("M", bound=BaseModel)
 Severity = Literal["info", "warning", "critical"]
@@ -42,8 +51,9 @@ Action = Literal["alert", "pause", "rewind", "dump_batch", "skip_shard", "escala
 SEVERITY_ORDER = {"info": 0, "warning": 1, "critical": 2}
 
 #: Fields a ``summary`` may use.
-SUMMARY_FIELDS = frozenset({"rule", "run", "rank", "metric", "step", "value", "baseline", "ratio",
-                            "window", "severity", "shard"})
+SUMMARY_FIELDS = frozenset(
+    {"rule", "run", "rank", "metric", "step", "value", "baseline", "ratio", "window", "severity", "shard"}
+)
 
 
 class RuleError(Exception):
@@ -51,8 +61,11 @@ class RuleError(Exception):
 
     def __init__(self, problems: list[tuple[Path, int | None, str]]) -> None:
         self.problems = problems
-        super().__init__("\n".join(
-            f"{path}:{line}: {reason}" if line else f"{path}: {reason}" for path, line, reason in problems))
+        super().__init__(
+            "\n".join(
+                f"{path}:{line}: {reason}" if line else f"{path}: {reason}" for path, line, reason in problems
+            )
+        )
 
 
 # -- small parsers ----------------------------------------------------------------------
@@ -107,7 +120,11 @@ def _span(value: Any, *, interval: bool = False) -> Span:
 
 
 _OPS: dict[str, Callable[[Any, Any], Any]] = {
-    ">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+    ">=": operator.ge,
+    ">": operator.gt,
+    "<=": operator.le,
+    "<": operator.lt,
+}
 MEASURES = ("value", "delta", "ratio", "zscore")
 _NUM = r"([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[-+]?\d+)?|[-+]?inf)x?"
 _COMPARE = re.compile(rf"^\s*({'|'.join(MEASURES)})\s*(>=|<=|>|<)\s*{_NUM}\s*$", re.I)
@@ -147,7 +164,8 @@ def _condition(value: Any) -> Condition:
     raise ValueError(
         f"{value!r} is not a condition; write '<measure> <op> <number>' (measures: {', '.join(MEASURES)};"
         " ops: >, >=, <, <=), '<measure> between A and B', '<measure> outside A and B', 'nonfinite'"
-        " or 'absent'")
+        " or 'absent'"
+    )
 
 
 SpanField = Annotated[Span, BeforeValidator(_span)]
@@ -170,7 +188,8 @@ class Baseline(_Strict):
     window: SpanField = Field(description="'N steps' or a duration such as '10m'")
     min_samples: int = Field(default=32, ge=1, le=100_000)
     frozen: tuple[int, int] | str | None = Field(
-        default=None, description="learn only from this step range (or a named step_ranges entry), then hold")
+        default=None, description="learn only from this step range (or a named step_ranges entry), then hold"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Baseline:
@@ -194,7 +213,9 @@ class Leaf(_Strict):
     def _check(self) -> Leaf:
         _check_condition(self.metric, self.baseline, self.when)
         if any(c in self.metric for c in "*?["):
-            raise ValueError(f"metric {self.metric!r}: a condition inside all/any names one metric, not a glob")
+            raise ValueError(
+                f"metric {self.metric!r}: a condition inside all/any names one metric, not a glob"
+            )
         return self
 
 
@@ -219,13 +240,17 @@ class Composite(_Strict):
 
 def _check_condition(metric: str | None, baseline: Baseline | None, cond: Condition) -> None:
     if metric is not None and not _METRIC_GLOB.match(metric):
-        raise ValueError(f"metric {metric!r} is not a hook key or glob (e.g. 'grad_norm', 'activation_norm/*')")
+        raise ValueError(
+            f"metric {metric!r} is not a hook key or glob (e.g. 'grad_norm', 'activation_norm/*')"
+        )
     if cond.kind == "absent":
         return
     if metric is None:
         raise ValueError(f"'{cond}' needs a 'metric'")
     if cond.measure in ("ratio", "zscore") and baseline is None:
-        raise ValueError(f"'{cond}' compares with a baseline: add 'baseline: {{stat: median, window: 128 steps}}'")
+        raise ValueError(
+            f"'{cond}' compares with a baseline: add 'baseline: {{stat: median, window: 128 steps}}'"
+        )
     if cond.measure not in ("ratio", "zscore") and cond.kind != "nonfinite" and baseline is not None:
         raise ValueError(f"'{cond}' does not use the baseline; remove 'baseline' or compare 'ratio'/'zscore'")
     if cond.measure == "zscore" and baseline is not None and baseline.stat == "ema":
@@ -242,7 +267,10 @@ class Rule(_Strict):
     rank: int | list[int] | None = Field(default=None, description="rank(s) judged; default every rank")
     metric: str | None = None
     baseline: Baseline | None = None
-    when: ConditionField | Composite
+    when: Annotated[
+        Annotated[ConditionField, Tag("Condition")] | Annotated[Composite, Tag("Composite")],
+        Discriminator(lambda v: "Composite" if isinstance(v, dict | Composite) else "Condition"),
+    ]
     for_: SpanField = Field(default=Span(steps=1), alias="for")
     labels: dict[str, str] = Field(default_factory=dict)
 
@@ -250,13 +278,16 @@ class Rule(_Strict):
     def _check(self) -> Rule:
         if isinstance(self.when, Composite):
             if self.metric is not None or self.baseline is not None:
-                raise ValueError("with 'when: {all|any: ...}' each condition names its own metric and baseline")
+                raise ValueError(
+                    "with 'when: {all|any: ...}' each condition names its own metric and baseline"
+                )
         else:
             _check_condition(self.metric, self.baseline, self.when)
             if self.when.kind == "absent" and self.for_.steps is not None:
                 raise ValueError("'absent' is judged on the clock: give 'for' as a duration or 'Kx interval'")
         if self.for_.factor is not None and not (
-                isinstance(self.when, Condition) and self.when.kind == "absent"):
+            isinstance(self.when, Condition) and self.when.kind == "absent"
+        ):
             raise ValueError("'for: Kx interval' applies to 'absent' only")
         if self.summary is not None:
             _check_summary(self.summary)
@@ -336,10 +367,15 @@ def _to_python(node: yaml.Node, path: tuple[Any, ...], lines: dict[tuple[Any, ..
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = yaml.safe_load(yaml.serialize(key_node)) if not isinstance(key_node, yaml.ScalarNode) \
+            key = (
+                yaml.safe_load(yaml.serialize(key_node))
+                if not isinstance(key_node, yaml.ScalarNode)
                 else _scalar(key_node)
+            )
             if key in out:
-                raise yaml.MarkedYAMLError(problem=f"key {key!r} given twice", problem_mark=key_node.start_mark)
+                raise yaml.MarkedYAMLError(
+                    problem=f"key {key!r} given twice", problem_mark=key_node.start_mark
+                )
             out[key] = _to_python(value_node, (*path, key), lines)
         return out
     if isinstance(node, yaml.SequenceNode):
@@ -383,10 +419,16 @@ def validate_yaml(text: str, path: Path, model: type[M]) -> tuple[M, dict[tuple[
         for err in exc.errors():
             loc = tuple(err["loc"])
             # pydantic adds union-member tags (``Composite``, ``function-before[...]``) to locations.
-            where = ".".join(str(p) for p in loc if not ((isinstance(p, str) and p[:1].isupper())
-                                                        or "[" in str(p) or "-" in str(p)))
-            msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix(
-                "Value error, ")
+            where = ".".join(
+                str(p)
+                for p in loc
+                if not ((isinstance(p, str) and p[:1].isupper()) or "[" in str(p) or "-" in str(p))
+            )
+            msg = (
+                "unknown field"
+                if err["type"] == "extra_forbidden"
+                else err["msg"].removeprefix("Value error, ")
+            )
             problems.append((path, _line_of(loc, lines), f"{where}: {msg}" if where else msg))
         raise RuleError(_dedup(problems)) from None
 
@@ -395,8 +437,12 @@ def parse_rule_text(text: str, path: Path) -> list[LoadedRule]:
     """Validate one rule file's text. Raises :class:`RuleError` naming every problem found."""
     parsed, lines = validate_yaml(text, path, RuleFile)
     return [
-        LoadedRule(rule, path, lines.get(("rules", i), 1),
-                   tuple(parsed.frozen_range(leaf.baseline) if leaf.baseline else None for leaf in rule.leaves))
+        LoadedRule(
+            rule,
+            path,
+            lines.get(("rules", i), 1),
+            tuple(parsed.frozen_range(leaf.baseline) if leaf.baseline else None for leaf in rule.leaves),
+        )
         for i, rule in enumerate(parsed.rules)
     ]
 
@@ -414,8 +460,14 @@ def rule_files(path: Path) -> list[Path]:
     """The rule files a path names: itself, or the ``*.yaml``/``*.yml`` directly in a folder
     (``*.test.yaml`` fixtures and dot-files are not rules)."""
     if path.is_dir():
-        return sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".yaml", ".yml")
-                      and not p.name.startswith(".") and not p.stem.endswith(".test"))
+        return sorted(
+            p
+            for p in path.iterdir()
+            if p.is_file()
+            and p.suffix in (".yaml", ".yml")
+            and not p.name.startswith(".")
+            and not p.stem.endswith(".test")
+        )
     return [path]
 
 
@@ -438,8 +490,16 @@ def load_rules(
         for path in rule_files(root):
             try:
                 loaded = parse_rule_text(path.read_text(), path)
-                clash = [(path, lr.line, f"rule {lr.rule.name}: also defined at {seen[lr.rule.name].path}:"
-                          f"{seen[lr.rule.name].line}") for lr in loaded if lr.rule.name in seen]
+                clash = [
+                    (
+                        path,
+                        lr.line,
+                        f"rule {lr.rule.name}: also defined at {seen[lr.rule.name].path}:"
+                        f"{seen[lr.rule.name].line}",
+                    )
+                    for lr in loaded
+                    if lr.rule.name in seen
+                ]
                 if clash:
                     raise RuleError(clash)
             except (OSError, UnicodeDecodeError) as exc:

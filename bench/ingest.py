@@ -1,9 +1,9 @@
 """Daemon ingest throughput: points per second the daemon stores, against SQLite's own ceiling.
 
 What it measures
-    * **ingest**: the real daemon (``python -m runwatch.daemon daemon``, rules off — this
-      daemon has no rule engine yet) runs as a subprocess in a temporary folder, pinned to
-      one CPU. ``--ranks`` client processes, pinned to another CPU, each connect to its Unix
+    * **ingest**: the real daemon (``python -m runwatch.daemon daemon --no-rules``; what
+      the rule pack costs is ``bench/rules.py``'s question) runs as a subprocess in a
+      temporary folder, pinned to one CPU. ``--ranks`` client processes, pinned to another CPU, each connect to its Unix
       socket, do the HELLO handshake as a hook (one run, one rank each) and send SAMPLES
       frames as fast as the daemon acknowledges them, with at most ``--window`` frames
       unacknowledged. An ACK means the frame is committed, so the rate is *points
@@ -151,7 +151,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
 def metric_names(n: int) -> tuple[str, ...]:
     """Keys like the hook's: loss, grad norms, learning rates, per-layer norms, then padding."""
     hook = ["loss", "grad_norm", "step_duration_seconds", "hook_dropped_points",
-            "learning_rate/0", "learning_rate/1"]
+            "learning_rate/0", "learning_rate/1", "token_efficiency", "tokens_per_second",
+            "microbatch_grad_norm", "microbatch_grad_norm_std"]
     layers = [f"{base}/blocks.{i}" for i in range(24) for base in ("group_grad_norm", "activation_norm")]
     names = (hook + layers)[:n]
     return tuple(names + [f"metric_{i:03d}" for i in range(len(names), n)])
@@ -344,13 +345,15 @@ class Daemon:
             return ""
 
 
-def start_daemon(folder: Path, cpu: int) -> Daemon:
+def start_daemon(folder: Path, cpu: int, rules: bool = False) -> Daemon:
+    """The daemon pinned to ``cpu``; ``rules`` runs the shipped rule pack, else ``--no-rules``."""
     socket_path = folder / "runwatch.sock"
     state_dir = folder / "state"
     log_path = folder / "daemon.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNWATCH_")}
     cmd = [sys.executable, "-m", "runwatch.daemon", "daemon", "--socket", str(socket_path),
-           "--state-dir", str(state_dir), "--exporter-port", "0", "--log-level", "warning"]
+           "--state-dir", str(state_dir), "--exporter-port", "0", "--log-level", "warning",
+           *([] if rules else ["--no-rules"])]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
@@ -526,9 +529,10 @@ def sleep_until(instant: float) -> None:
         time.sleep(delay)
 
 
-def run_ingest(cfg: Config, names: tuple[str, ...], values: np.ndarray, folder: Path) -> IngestResult:
+def run_ingest(cfg: Config, names: tuple[str, ...], values: np.ndarray, folder: Path,
+               rules: bool = False) -> IngestResult:
     os.sched_setaffinity(0, {cfg.client_cpu})  # keep this process off the daemon's CPU
-    daemon = start_daemon(folder, cfg.daemon_cpu)
+    daemon = start_daemon(folder, cfg.daemon_cpu, rules)
     try:
         result = drive_clients(cfg, names, values, daemon)
     except BaseException:
@@ -779,7 +783,7 @@ def format_report(r: Report) -> str:
         f"  frame      {c['metrics']} metrics x {c['steps_per_frame']} steps = {r.frame_points:,} points,"
         f" {r.frame_bytes:,} bytes",
         f"  load       {c['ranks']} ranks, window {c['window']} frames each; {c['warmup']:g} s warm-up,"
-        f" {c['duration']:g} s measured; rules off (no rule engine in this daemon)",
+        f" {c['duration']:g} s measured; rules off (--no-rules)",
         "",
         "ingest (real daemon over its Unix socket; ACK = committed)",
         f"  rate                 {i.points_per_second:>14,.0f} points/s"

@@ -60,6 +60,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         "exporter_port": args.exporter_port,
         "log_level": args.log_level,
         "rules": args.rules,
+        "rules_enabled": False if args.no_rules else None,
     }
     try:
         settings = load_settings(args.config, **flags)
@@ -299,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.add_argument("--rules", type=Path, action="append",
                    help="rule file or folder (repeatable; default: the shipped pack)")
+    p.add_argument("--no-rules", action="store_true", help="judge nothing: store and export only")
     p.set_defaults(func=cmd_daemon)
 
     p = sub.add_parser("status", help="the daemon's health and where it listens")

@@ -13,7 +13,8 @@ bad_batch      one batch of random labels, its loss scaled 20x (a corrupted batc
 lr_blowup      the learning rate multiplied by 100 (a schedule gone wrong)
 nan            the loss of one step is NaN
 padding        shard 99 for 20 steps: rows of 6-10 real tokens (padding-heavy)
-slow_loader    every batch takes 3x the usual step time to load
+slow_loader    every batch takes 3x the usual step time to load (use with --step-seconds:
+               tiny CPU steps of a few ms are at the mercy of host scheduling)
 input_shift    inputs drawn from 4 of the 64 tokens (a shifted input distribution)
 =============  =====================================================================
 """
@@ -48,7 +49,9 @@ def make_batch(
     return inputs, labels
 
 
-def train(run: str, socket: str | None, steps: int, seed: int, fault: str | None, at: int) -> None:
+def train(
+    run: str, socket: str | None, steps: int, seed: int, fault: str | None, at: int, step_seconds: float = 0.0
+) -> None:
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     model = TinyGPT(vocab=VOCAB, context=CONTEXT)
@@ -71,13 +74,14 @@ def train(run: str, socket: str | None, steps: int, seed: int, fault: str | None
         else:
             inputs, labels = make_batch(g, 24, 32)
         if faulty and fault == "slow_loader":
-            time.sleep(2 * statistics.median(durations[-50:]))
+            time.sleep(3 * statistics.median(durations[-50:]))
         if faulty and fault == "bad_batch" and step == at:
             labels = torch.where(labels >= 0, torch.randint(0, VOCAB, labels.shape, generator=g), labels)
         if faulty and fault == "lr_blowup" and step == at:
-            for group in optimizer.param_groups:
-                group["initial_lr"] = group.get("initial_lr", group["lr"]) * 100
+            # From this step's update on: the schedule's base and the rate in force.
             schedule.base_lrs = [lr * 100 for lr in schedule.base_lrs]
+            for group in optimizer.param_groups:
+                group["lr"] *= 100
         watch.batch(shard=str(shard), offset=step * BATCH)
         loss = model(inputs, labels=labels).loss
         if faulty and fault == "bad_batch" and step == at:
@@ -88,6 +92,9 @@ def train(run: str, socket: str | None, steps: int, seed: int, fault: str | None
         loss.backward()
         optimizer.step()
         schedule.step()
+        if step_seconds:
+            # A GPU-bound step: the host waits for the device this long at least.
+            time.sleep(max(0.0, step_seconds - (time.perf_counter() - t0)))
         durations.append(time.perf_counter() - t0)
     watch.close()
 
@@ -100,9 +107,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fault", choices=FAULTS)
     p.add_argument("--at", type=int, default=300)
+    p.add_argument("--step-seconds", type=float, default=0.0, help="make each step take at least this long")
     a = p.parse_args()
     torch.set_num_threads(1)
-    train(a.run, a.socket, a.steps, a.seed, a.fault, a.at)
+    train(a.run, a.socket, a.steps, a.seed, a.fault, a.at, a.step_seconds)
 
 
 if __name__ == "__main__":

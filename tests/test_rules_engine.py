@@ -41,6 +41,12 @@ def test_for_n_steps_fires_on_the_nth_and_resolves_on_the_first_false_step() -> 
     ]
 
 
+def test_for_steps_with_a_time_floor() -> None:
+    text = SPIKE.replace("severity", "for: 2 steps, at least 25s\n    severity")
+    assert judge(text, {"grad_norm": "1x40 5x2 1 5x4 1"}, interval="10s") == [
+        (46, "spike", "firing", "grad_norm"), (47, "spike", "resolved", "grad_norm")]
+
+
 def test_for_seconds_counts_time_not_steps() -> None:
     text = SPIKE.replace("severity", "for: 20s\n    severity")
     assert judge(text, {"grad_norm": "1x40 5x4 1"}, interval="10s") == [

@@ -206,6 +206,8 @@ class RuleState:
         span = self.rule.for_
         if span.steps is not None:
             active = run >= span.steps
+            if span.at_least:
+                active &= times[:, None] - start >= span.at_least
         else:
             active = truth & (times[:, None] - start >= float(span.seconds or 0.0))
         self.run_len[cols] = run[-1]

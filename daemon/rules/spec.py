@@ -16,8 +16,8 @@ A rule file holds ``rules:`` (and optionally named ``step_ranges:``)::
 ``nonfinite`` or ``absent``; or ``{all: [...]}`` / ``{any: [...]}`` of conditions that each
 name their own ``metric`` (and ``baseline``). Measures: ``value``, ``delta`` (change per
 step), ``ratio`` (value / baseline) and ``zscore`` (distance from the baseline in its
-spread). ``for`` is ``N steps``, a duration (``30s``, ``5m``) or, for ``absent``,
-``Kx interval[, at least DURATION]``.
+spread). ``for`` is ``N steps[, at least DURATION]``, a duration (``30s``, ``5m``) or, for
+``absent``, ``Kx interval[, at least DURATION]``.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class RuleError(Exception):
 # -- small parsers ----------------------------------------------------------------------
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
-_STEPS = re.compile(r"^\s*(\d+)\s*steps?\s*$")
+_STEPS = re.compile(r"^\s*(\d+)\s*steps?\s*(?:,?\s*at\s+least\s+(.+))?$")
 _INTERVAL = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*x\s*interval\s*(?:,?\s*at\s+least\s+(.+))?$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -94,7 +94,8 @@ class Span:
 
     def __str__(self) -> str:
         if self.steps is not None:
-            return f"{self.steps} step" + ("s" if self.steps != 1 else "")
+            text = f"{self.steps} step" + ("s" if self.steps != 1 else "")
+            return text + (f", at least {self.at_least:g}s" if self.at_least else "")
         if self.seconds is not None:
             return f"{self.seconds:g}s"
         return f"{self.factor:g}x interval" + (f", at least {self.at_least:g}s" if self.at_least else "")
@@ -110,7 +111,7 @@ def _span(value: Any, *, interval: bool = False) -> Span:
     if m := _STEPS.match(value):
         if int(m.group(1)) < 1:
             raise ValueError("a number of steps must be at least 1")
-        return Span(steps=int(m.group(1)))
+        return Span(steps=int(m.group(1)), at_least=parse_seconds(m.group(2)) if m.group(2) else 0.0)
     if interval and (m := _INTERVAL.match(value)):
         return Span(factor=float(m.group(1)), at_least=parse_seconds(m.group(2)) if m.group(2) else 0.0)
     seconds = parse_seconds(value)

@@ -6,9 +6,10 @@ columns is judged with a handful of numpy calls whatever k and C are.
 
 Cost and memory. The window keeps the last N steps (or, for a time window, at most
 ``TIME_WINDOW_ROWS`` rows) per column: memory is bounded per series. The statistic is
-recomputed every ``refresh`` steps (N/16, at least 1), from the window as it stood before
-that chunk of steps, so a spike is never part of its own baseline and the work per point
-is O(16) window elements, O(1) amortized. EMA baselines are exact per step.
+recomputed every ``refresh`` steps (N/4, at least 1), from the window as it stood before
+that chunk of steps, so a spike is never part of its own baseline, the baseline is never
+more than N/4 steps old, and the work per point is about 4 window elements: O(1)
+amortized. EMA baselines are exact per step.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
+from numpy.lib.stride_tricks import as_strided
 from scipy.signal import lfilter
 
 from runwatch.daemon.rules.spec import Baseline
@@ -24,6 +25,7 @@ from runwatch.daemon.rules.spec import Baseline
 TIME_WINDOW_ROWS = 4096
 MAD_TO_SIGMA = 1.4826
 FROZEN_ROWS = 100_000
+_TRUE = np.True_
 
 
 class Window:
@@ -35,7 +37,7 @@ class Window:
         self.need_scale = need_scale
         self.by_time = spec.window.seconds is not None
         self.rows = TIME_WINDOW_ROWS if self.by_time else int(spec.window.steps or 1)
-        self.refresh = 8 if self.by_time else max(1, self.rows // 16)
+        self.refresh = 8 if self.by_time else max(1, self.rows // 4)
         self.values = np.empty((0, 0))
         self.times = np.empty(0)
         self.count = np.zeros(0, dtype=np.int64)
@@ -43,6 +45,8 @@ class Window:
         # Frozen baselines: rows collected inside the range, then one statistic held.
         self._collected: list[np.ndarray] = []
         self._frozen: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._warm = False  # every column has min_samples finite values: readiness is settled
+        self._nan = True  # the data being judged may hold NaN (non-finite, missing, warm-up padding)
 
     @property
     def columns(self) -> int:
@@ -55,6 +59,7 @@ class Window:
             return
         self.values = np.concatenate([self.values, np.full((len(self.values), extra), np.nan)], axis=1)
         self.count = np.concatenate([self.count, np.zeros(extra, dtype=np.int64)])
+        self._warm = False
         self.ema = np.concatenate([self.ema, np.full(extra, np.nan)])
         self._collected = [
             np.concatenate([c, np.full((len(c), extra), np.nan)], axis=1) for c in self._collected
@@ -72,47 +77,69 @@ class Window:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(center, scale, ready), each k x C, for the k steps of ``x`` (non-finite = NaN);
         then fold ``x`` into the window. ``scale`` is NaN unless a zscore needs it."""
-        x = np.where(np.isfinite(x), x, np.nan)
-        finite = ~np.isnan(x)
+        finite = np.isfinite(x)
+        all_finite = bool(finite.all())
+        if not all_finite:
+            x = np.where(finite, x, np.nan)
         if self.frozen_range is not None:
             return self._judge_frozen(steps, x)
-        before = self.count + np.cumsum(finite, axis=0) - finite
-        ready = before >= self.spec.min_samples
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            if self.spec.stat == "ema":
-                center, scale = self._ema(x), np.full_like(x, np.nan)
-            elif self.by_time:
-                center, scale = self._by_time(times, x)
-            else:
-                center, scale = self._by_steps(x)
-        self.count = self.count + finite.sum(axis=0)
+        if self._warm:
+            ready: np.ndarray = _TRUE  # steady state: every column is past its warm-up
+        else:
+            before = self.count + np.cumsum(finite, axis=0) - finite
+            ready = before >= self.spec.min_samples
+        self._nan = not all_finite
+        if self.spec.stat == "ema":
+            center, scale = self._ema(x), np.full_like(x, np.nan)
+        elif self.by_time:
+            center, scale = self._by_time(times, x)
+        else:
+            center, scale = self._by_steps(x)
+        if not self._warm:
+            self.count = self.count + finite.sum(axis=0)
+            self._warm = bool((self.count >= self.spec.min_samples).all())
         return center, scale, ready
 
     # -- statistics ------------------------------------------------------------------------
 
-    def _stat(self, w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-        nan = np.isnan(w).any()
+    def _stat(self, w: np.ndarray, axis: int, nan: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(center, scale) of ``w`` along ``axis``; scale is NaN unless a zscore needs it."""
+        if nan is None:
+            nan = bool(np.isnan(w).any())
+        if nan:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN windows: NaN baseline
+                return self._nanstat(w, axis)
         if self.spec.stat == "median":
-            center = (np.nanmedian if nan else np.median)(w, axis=axis)
+            center = _median(w, axis)
             if not self.need_scale:
                 return center, np.full_like(center, np.nan)
-            dev = np.abs(w - np.expand_dims(center, axis))
-            return center, MAD_TO_SIGMA * (np.nanmedian if nan else np.median)(dev, axis=axis)
-        center = (np.nanmean if nan else np.mean)(w, axis=axis)
-        if not self.need_scale:
-            return center, np.full_like(center, np.nan)
-        return center, (np.nanstd if nan else np.std)(w, axis=axis)
+            return center, MAD_TO_SIGMA * _median(np.abs(w - np.expand_dims(center, axis)), axis)
+        center = w.mean(axis=axis)
+        return center, (w.std(axis=axis) if self.need_scale else np.full_like(center, np.nan))
+
+    def _nanstat(self, w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.spec.stat == "median":
+            center = np.nanmedian(w, axis=axis)
+            if not self.need_scale:
+                return center, np.full_like(center, np.nan)
+            return center, MAD_TO_SIGMA * np.nanmedian(np.abs(w - np.expand_dims(center, axis)), axis=axis)
+        center = np.nanmean(w, axis=axis)
+        return center, (np.nanstd(w, axis=axis) if self.need_scale else np.full_like(center, np.nan))
 
     def _by_steps(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         k, c, n, r = len(x), x.shape[1], self.rows, self.refresh
         history = self.values
         if len(history) < n:
             history = np.concatenate([np.full((n - len(history), c), np.nan), history])
-        full = np.concatenate([history, x])
-        starts = np.arange(0, k, r)
-        windows = sliding_window_view(full, n, axis=0)[starts]  # chunks x C x n
-        center, scale = self._stat(windows, axis=-1)
+        full = np.ascontiguousarray(np.concatenate([history, x]))
+        chunks = (k + r - 1) // r
+        # Windows start every r rows: a strided view, no copy (chunks x n x C).
+        s0, s1 = full.strides
+        windows = as_strided(full, shape=(chunks, n, c), strides=(r * s0, s0, s1), writeable=False)
+        # Checking the rows once is cheaper than checking every (overlapping) window.
+        nan = self._nan or bool(np.isnan(history).any())
+        center, scale = self._stat(windows, axis=1, nan=nan)
         self.values = full[-n:]
         return _spread(center, r, k), _spread(scale, r, k)
 
@@ -179,6 +206,16 @@ class Window:
         center, scale, n = self._frozen
         ready = np.broadcast_to((n >= self.spec.min_samples) & (steps > hi)[:, None], (k, c))
         return (np.broadcast_to(center, (k, c)), np.broadcast_to(scale, (k, c)), ready)
+
+
+def _median(w: np.ndarray, axis: int) -> np.ndarray:
+    """np.median without its per-call overhead (large on small arrays); no NaN in ``w``."""
+    n = w.shape[axis]
+    half = n // 2
+    if n % 2:
+        return np.take(np.partition(w, half, axis=axis), half, axis=axis)
+    part = np.partition(w, (half - 1, half), axis=axis)
+    return 0.5 * (np.take(part, half - 1, axis=axis) + np.take(part, half, axis=axis))
 
 
 def _spread(chunks: np.ndarray, r: int, k: int) -> np.ndarray:

@@ -31,6 +31,8 @@ from runwatch.daemon.rules.baseline import Window, describe
 from runwatch.daemon.rules.spec import Condition, Leaf, LoadedRule, Rule
 
 SHARD_KEY = "data_shard"
+_NAN = np.float64(np.nan)
+_TRUE_READY = np.True_
 ZSCORE_FLOOR = 0.01  # a spread below 1% of the center counts as 1%: tiny moves of flat series are not news
 ARRIVAL_HISTORY = 32
 MIN_ARRIVALS = 3
@@ -120,6 +122,9 @@ class LeafState:
             self._select[set_id] = cached
         return cached
 
+    def _in_order(self, state_cols: np.ndarray) -> bool:
+        return bool(state_cols[0] == 0 and (len(state_cols) == 1 or (np.diff(state_cols) == 1).all()))
+
     def judge(
         self,
         steps: np.ndarray,
@@ -128,42 +133,47 @@ class LeafState:
         state_cols: np.ndarray,
         values: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(truth, value, baseline), k x len(state_cols), and fold the steps into the state."""
+        """(truth, value, baseline), k x len(state_cols), and fold the steps into the state.
+        Call under ``np.errstate`` that ignores divide/invalid/over (the engine does)."""
         x = values[:, block_cols]
         cond = self.leaf.when
-        center = np.full_like(x, np.nan)
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            if self.window is not None:
+        center = scale = ready = _NAN
+        if self.window is not None:
+            if len(state_cols) == self.window.columns and self._in_order(state_cols):
+                center, scale, ready = self.window.judge(steps, times, x)
+            else:
                 wide = np.full((len(x), self.window.columns), np.nan)
                 wide[:, state_cols] = x
-                c, s, ready = self.window.judge(steps, times, wide)
-                center, scale, ready = c[:, state_cols], s[:, state_cols], ready[:, state_cols]
-            if cond.kind == "nonfinite":
-                truth = ~np.isfinite(x)
+                c, sc, rd = self.window.judge(steps, times, wide)
+                center, scale, ready = c[:, state_cols], sc[:, state_cols], rd[:, state_cols]
+        if cond.kind == "nonfinite":
+            truth = ~np.isfinite(x)
+        else:
+            if cond.measure == "value":
+                m = x
+            elif cond.measure == "delta":
+                prev = np.concatenate([self.prev[state_cols][None, :], x[:-1]])
+                prev_step = np.concatenate(
+                    [
+                        self.prev_step[state_cols][None, :],
+                        np.broadcast_to(steps[:-1, None], (len(x) - 1, len(state_cols))),
+                    ]
+                )
+                m = (x - prev) / np.maximum(steps[:, None] - prev_step, 1)
+                m[prev_step < 0] = np.nan
+            elif cond.measure == "ratio":
+                m = x / center
             else:
-                if cond.measure == "value":
-                    m = x
-                elif cond.measure == "delta":
-                    prev = np.concatenate([self.prev[state_cols][None, :], x[:-1]])
-                    prev_step = np.concatenate(
-                        [
-                            self.prev_step[state_cols][None, :],
-                            np.broadcast_to(steps[:-1, None], (len(x) - 1, len(state_cols))),
-                        ]
-                    )
-                    m = (x - prev) / np.maximum(steps[:, None] - prev_step, 1)
-                    m[prev_step < 0] = np.nan
-                elif cond.measure == "ratio":
-                    m = x / center
-                else:
-                    floor = np.maximum(ZSCORE_FLOOR * np.abs(center), 1e-12)
-                    m = (x - center) / np.maximum(scale, floor)
-                truth = _compare(cond, m)
-                if self.window is not None:
-                    truth &= ready & np.isfinite(x)
+                floor = np.maximum(ZSCORE_FLOOR * np.abs(center), 1e-12)
+                m = (x - center) / np.maximum(scale, floor)
+            truth = _compare(cond, m)
+            if self.window is not None and ready is not _TRUE_READY:
+                truth &= ready
+            if self.window is not None:
+                truth &= np.isfinite(x)
         self.prev[state_cols] = x[-1]
         self.prev_step[state_cols] = steps[-1]
-        return truth, x, center
+        return truth, x, np.broadcast_to(center, x.shape)
 
 
 def _compare(cond: Condition, m: np.ndarray) -> np.ndarray:
@@ -197,6 +207,10 @@ class RuleState:
     def active(self, truth: np.ndarray, cols: np.ndarray, times: np.ndarray) -> np.ndarray:
         """Which steps x series satisfy ``for``, carrying the run of true steps across batches."""
         k = len(truth)
+        if not truth.any():
+            # The common case: nothing true now, so no run continues and nothing is active.
+            self.run_len[cols] = 0
+            return np.zeros_like(truth)
         idx = np.arange(k)[:, None]
         last_false = np.maximum.accumulate(np.where(~truth, idx, -1), axis=0)
         fresh = last_false < 0  # no false step yet in this batch: the run continues from before
@@ -315,6 +329,28 @@ class Engine:
         track.last_arrival = now
         shards = values[:, names.index(SHARD_KEY)] if SHARD_KEY in names else None
         events: list[Event] = []
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            events += self._judge_all(ref, set_id, names, steps, times, values, shards, track, silent, usual)
+        if shards is not None:
+            track.shard = float(shards[-1])
+        if len(events) > 1:
+            events.sort(key=lambda e: e.step)
+        return events
+
+    def _judge_all(
+        self,
+        ref: StreamRef,
+        set_id: int,
+        names: tuple[str, ...],
+        steps: np.ndarray,
+        times: np.ndarray,
+        values: np.ndarray,
+        shards: np.ndarray | None,
+        track: StreamTrack,
+        silent: float,
+        usual: float,
+    ) -> list[Event]:
+        events: list[Event] = []
         for st in self._rule_states(ref):
             if isinstance(st.rule.when, Condition) and st.rule.when.kind == "absent":
                 if len(st.firing) and st.firing[0]:
@@ -334,10 +370,6 @@ class Engine:
                     st.firing[0] = False
                 continue
             events += self._judge(st, set_id, names, steps, times, values, shards, track)
-        if shards is not None:
-            track.shard = float(shards[-1])
-        if len(events) > 1:
-            events.sort(key=lambda e: e.step)
         return events
 
     def _judge(
@@ -378,6 +410,8 @@ class Engine:
             cols, out_keys = np.zeros(1, dtype=np.intp), [st.leaves[0].leaf.metric]
         st.grow(int(cols.max()) + 1)
         active = st.active(truth, cols, times)
+        if not st.firing[cols].any() and not active.any():
+            return []
         before = np.concatenate([st.firing[cols][None, :], active[:-1]])
         changed = active != before
         st.firing[cols] = active[-1]

@@ -23,6 +23,7 @@ spread). ``for`` is ``N steps[, at least DURATION]``, a duration (``30s``, ``5m`
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import math
 import operator
@@ -309,8 +310,9 @@ class Rule(_Strict):
             return self.when.leaves
         return [Leaf.model_construct(metric=self.metric or "", baseline=self.baseline, when=self.when)]
 
-    @property
+    @functools.cached_property
     def version(self) -> str:
+        """Content hash: the same text anywhere is the same version."""
         return hashlib.sha256(self.model_dump_json(by_alias=True).encode()).hexdigest()[:12]
 
     def selects(self, run: str, rank: int) -> bool:

@@ -115,6 +115,11 @@ class DaemonMetrics:
             "Writer-thread time spent judging committed steps against the rules.",
             registry=registry,
         )
+        self.rule_errors = Counter(
+            "runwatch_rules_evaluation_errors",
+            "Failures while judging steps (logged; the steps are stored and acknowledged anyway).",
+            registry=registry,
+        )
         self.rules_loaded = Gauge("runwatch_rules_loaded", "Rules in force.", registry=registry)
         self.rule_file_errors = Gauge(
             "runwatch_rules_file_errors",

@@ -18,6 +18,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,10 @@ log = logging.getLogger("runwatch.daemon")
 RESTART_ONLY = ("socket", "socket_mode", "state_dir", "exporter_address", "exporter_port",
                 "exporter_enabled", "inflight_bytes", "rules", "rules_enabled")
 TICK_SECONDS = 1.0
-#: Steps per stream replayed from the store at start, so baselines do not start cold.
+#: Steps per stream replayed from the store at start, so baselines do not start cold, for
+#: streams that sent a step within WARM_SECONDS.
 WARM_ROWS = 1024
+WARM_SECONDS = 24 * 3600.0
 
 
 def _json_number(value: float) -> float | str:
@@ -117,7 +120,9 @@ class Daemon:
             # The engine lives on the writer thread: rule sets are queued to it, in order with the writes.
             self.rules = RuleSource(
                 s.rules,
-                lambda rules: writer.call(lambda _: writer.record(engine.load(rules, time.time()))),
+                lambda rules: writer.call(
+                    lambda _: writer.guarded(lambda: writer.record(engine.load(rules, time.time())))
+                ),
                 self.metrics,
             )
             self.rules.load()
@@ -185,12 +190,19 @@ class Daemon:
         """Give baselines the last steps from the store, and close alerts left open by the last
         daemon: they fire again if they still should."""
         sets = store_mod.metric_sets(store.conn)
-        for info in store_mod.streams(store.conn):
+        recent = time.time() - WARM_SECONDS
+        for info in store_mod.streams(store.conn, seen_since=recent):
             ref = StreamRef(info.id, info.run, info.rank)
-            for step, t, set_id, data in store_mod.recent_rows(store.conn, info.id, WARM_ROWS):
+            rows = store_mod.recent_rows(store.conn, info.id, WARM_ROWS)
+            # Consecutive rows of one metric set are judged as one batch, as the writer does.
+            for set_id, group in groupby(rows, key=lambda row: row[2]):
+                batch = list(group)
                 names = sets[set_id]
-                values = np.frombuffer(data, dtype="<f8").reshape(1, len(names))
-                engine.observe(ref, set_id, names, np.array([step]), np.array([t]), values, now=t)
+                blob = b"".join(r[3] for r in batch)
+                values = np.frombuffer(blob, dtype="<f8").reshape(len(batch), len(names))
+                steps = np.array([r[0] for r in batch], dtype=np.int64)
+                times = np.array([r[1] for r in batch])
+                engine.observe(ref, set_id, names, steps, times, values, now=float(times[-1]))
         engine.clear_firing()
         now = time.time()
         with store.conn:

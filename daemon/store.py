@@ -279,10 +279,11 @@ def metric_sets(conn: sqlite3.Connection) -> dict[int, tuple[str, ...]]:
     return {i: tuple(n.split("\n")) for i, n in conn.execute("SELECT id, names FROM metric_sets")}
 
 
-def streams(conn: sqlite3.Connection) -> list[StreamInfo]:
+def streams(conn: sqlite3.Connection, seen_since: float | None = None) -> list[StreamInfo]:
     rows = conn.execute(
         "SELECT s.id, r.name, s.rank, s.world_size, s.host, s.pid, s.uid, s.hook_version"
-        " FROM streams s JOIN runs r ON r.id = s.run_id ORDER BY r.name, s.rank"
+        " FROM streams s JOIN runs r ON r.id = s.run_id WHERE s.last_seen >= ? ORDER BY r.name, s.rank",
+        (-math.inf if seen_since is None else seen_since,),
     )
     return [StreamInfo(*row) for row in rows]
 

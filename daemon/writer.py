@@ -180,7 +180,12 @@ class Writer:
             self.metrics.commit_seconds.observe(time.perf_counter() - started)
         self._notify([(w.done, error) for w in writes])
         if error is None and self.engine is not None:
-            self._judge(writes)
+            try:
+                self._judge(writes)
+            except Exception:
+                # The data is stored and acknowledged; a rule failing must not stop the writer.
+                self.metrics.rule_errors.inc()
+                log.exception("judging %d committed frames failed; the steps are stored", len(writes))
 
     # -- rules ----------------------------------------------------------------------------
 
@@ -217,7 +222,15 @@ class Writer:
         """Judge ``absent`` rules now (queued: runs on this thread, in order with the writes)."""
         if self.engine is not None:
             engine = self.engine
-            self.call(lambda store: self.record(engine.tick(time.time(), connected)))
+            self.call(lambda store: self.guarded(lambda: self.record(engine.tick(time.time(), connected))))
+
+    def guarded(self, fn: Callable[[], Any]) -> None:
+        """Run rule work queued to this thread; a failure is logged and counted, never raised."""
+        try:
+            fn()
+        except Exception:
+            self.metrics.rule_errors.inc()
+            log.exception("rule evaluation failed")
 
     def record(self, events: list[Event], now: float | None = None) -> None:
         """Store and count rule events. Writer thread only."""

@@ -44,7 +44,9 @@ def test_for_n_steps_fires_on_the_nth_and_resolves_on_the_first_false_step() -> 
 def test_for_steps_with_a_time_floor() -> None:
     text = SPIKE.replace("severity", "for: 2 steps, at least 25s\n    severity")
     assert judge(text, {"grad_norm": "1x40 5x2 1 5x4 1"}, interval="10s") == [
-        (46, "spike", "firing", "grad_norm"), (47, "spike", "resolved", "grad_norm")]
+        (46, "spike", "firing", "grad_norm"),
+        (47, "spike", "resolved", "grad_norm"),
+    ]
 
 
 def test_for_seconds_counts_time_not_steps() -> None:
@@ -214,4 +216,53 @@ def test_window_memory_is_bounded() -> None:
         engine.observe(ref, 0, ("grad_norm",), steps, steps * 1.0, np.ones((1000, 1)), now=float(start))
     [state] = engine._states.values()
     window = state.leaves[0].window
-    assert window is not None and window.values.shape == (32, 1)
+    assert window is not None and window.history().shape == (32, 1)
+    assert window._buf.shape[0] <= 2 * 32 + 1000  # room for one batch, never the whole run
+
+
+def test_a_glob_rule_survives_metric_sets_that_hold_some_of_its_columns() -> None:
+    # The hook splits blocks by which values are present: a warm glob rule then sees a set
+    # with one of its two columns, in another order, then both again.
+    text = SPIKE.replace("metric: grad_norm", 'metric: "activation_norm/*"')
+    series = {"activation_norm/a": "1x40 _x5 1x5", "activation_norm/b": "1x45 9 1x4"}
+    assert judge(text, series) == [
+        (45, "spike", "firing", "activation_norm/b"),
+        (46, "spike", "resolved", "activation_norm/b"),
+    ]
+
+
+def test_a_summary_that_cannot_be_formatted_is_refused_at_load() -> None:
+    import pytest
+
+    from runwatch.daemon.rules.spec import RuleError
+
+    for bad in ("{metric.foo}", "{step:c}x{value:d}"):
+        with pytest.raises(RuleError, match="cannot be formatted"):
+            rules(SPIKE.replace("severity", f"summary: '{bad}'\n    severity"))
+
+
+def test_reload_from_ratio_to_zscore_on_the_same_baseline_starts_a_spread() -> None:
+    engine = Engine(rules(SPIKE.replace(">= 3", ">= 100")))
+    ref = StreamRef(1, "r", 0)
+    rng = np.random.default_rng(0)
+    steps = np.arange(60)
+    vals = 1 + 0.05 * rng.standard_normal((60, 1))
+    engine.observe(ref, 0, ("grad_norm",), steps, steps * 1.0, vals, now=60.0)
+    engine.load(rules(SPIKE.replace("ratio >= 3", "zscore >= 5")))
+    steps = np.arange(60, 100)
+    vals = 1 + 0.05 * rng.standard_normal((40, 1))
+    vals[-1] = 2.0
+    events = engine.observe(ref, 0, ("grad_norm",), steps, steps * 1.0, vals, now=100.0)
+    assert [(e.step, e.state) for e in events] == [(99, "firing")]
+
+
+def test_ema_with_gaps_is_the_same_in_one_batch_or_step_by_step() -> None:
+    ema = SPIKE.replace("stat: median, window: 32 steps", "stat: ema, window: 8 steps").replace(
+        "min_samples: 16", "min_samples: 4"
+    )
+    series = {"grad_norm": "1x10 nan nan 1x10 5 1"}
+    assert (
+        judge(ema, series)
+        == judge(ema, series, batch=30)
+        == [(22, "spike", "firing", "grad_norm"), (23, "spike", "resolved", "grad_norm")]
+    )

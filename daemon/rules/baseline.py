@@ -38,19 +38,32 @@ class Window:
         self.by_time = spec.window.seconds is not None
         self.rows = TIME_WINDOW_ROWS if self.by_time else int(spec.window.steps or 1)
         self.refresh = 8 if self.by_time else max(1, self.rows // 4)
+        # Time windows: the rows inside the window and their times.
         self.values = np.empty((0, 0))
         self.times = np.empty(0)
+        # Step windows: the last ``rows`` values live in a buffer with room to append, shifted
+        # back to its start when full (a copy every ``rows`` steps: O(1) amortized per step).
+        # It starts with ``rows`` NaN rows of padding.
+        self._buf = np.full((2 * self.rows, 0), np.nan)
+        self._len = self.rows
+        self._seen = 0  # rows judged so far
+        self._last_nan = -1  # last judged row holding a NaN (padding rows count as before 0)
+        self._cached: tuple[np.ndarray, np.ndarray] | None = None  # the last refresh's statistic
+        self._collected_rows = 0
         self.count = np.zeros(0, dtype=np.int64)
         self.ema = np.empty(0)
         # Frozen baselines: rows collected inside the range, then one statistic held.
         self._collected: list[np.ndarray] = []
         self._frozen: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._warm = False  # every column has min_samples finite values: readiness is settled
-        self._nan = True  # the data being judged may hold NaN (non-finite, missing, warm-up padding)
 
     @property
     def columns(self) -> int:
-        return self.values.shape[1]
+        return self.values.shape[1] if self.by_time else self._buf.shape[1]
+
+    def history(self) -> np.ndarray:
+        """The rows the next judgement looks back on (bounded: at most the window)."""
+        return self.values if self.by_time else self._buf[self._len - self.rows : self._len]
 
     def widen(self, ncols: int) -> None:
         """Make room for new columns (a metric seen for the first time)."""
@@ -58,6 +71,13 @@ class Window:
         if extra <= 0:
             return
         self.values = np.concatenate([self.values, np.full((len(self.values), extra), np.nan)], axis=1)
+        self._buf = np.concatenate([self._buf, np.full((len(self._buf), extra), np.nan)], axis=1)
+        self._last_nan = max(self._last_nan, self._seen - 1)  # the new columns have no past
+        if self._cached is not None:
+            self._cached = (
+                np.append(self._cached[0], [np.nan] * extra),
+                np.append(self._cached[1], [np.nan] * extra),
+            )
         self.count = np.concatenate([self.count, np.zeros(extra, dtype=np.int64)])
         self._warm = False
         self.ema = np.concatenate([self.ema, np.full(extra, np.nan)])
@@ -81,6 +101,7 @@ class Window:
         all_finite = bool(finite.all())
         if not all_finite:
             x = np.where(finite, x, np.nan)
+            self._last_nan = self._seen + int(np.flatnonzero(~finite.all(axis=1))[-1])
         if self.frozen_range is not None:
             return self._judge_frozen(steps, x)
         if self._warm:
@@ -88,13 +109,13 @@ class Window:
         else:
             before = self.count + np.cumsum(finite, axis=0) - finite
             ready = before >= self.spec.min_samples
-        self._nan = not all_finite
         if self.spec.stat == "ema":
             center, scale = self._ema(x), np.full_like(x, np.nan)
         elif self.by_time:
             center, scale = self._by_time(times, x)
         else:
             center, scale = self._by_steps(x)
+        self._seen += len(x)
         if not self._warm:
             self.count = self.count + finite.sum(axis=0)
             self._warm = bool((self.count >= self.spec.min_samples).all())
@@ -129,43 +150,58 @@ class Window:
 
     def _by_steps(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         k, c, n, r = len(x), x.shape[1], self.rows, self.refresh
-        history = self.values
-        if len(history) < n:
-            history = np.concatenate([np.full((n - len(history), c), np.nan), history])
-        full = np.ascontiguousarray(np.concatenate([history, x]))
-        chunks = (k + r - 1) // r
-        # Windows start every r rows: a strided view, no copy (chunks x n x C).
-        s0, s1 = full.strides
-        windows = as_strided(full, shape=(chunks, n, c), strides=(r * s0, s0, s1), writeable=False)
-        # Checking the rows once is cheaper than checking every (overlapping) window.
-        nan = self._nan or bool(np.isnan(history).any())
-        center, scale = self._stat(windows, axis=1, nan=nan)
-        self.values = full[-n:]
-        return _spread(center, r, k), _spread(scale, r, k)
+        self._make_room(k)
+        start = self._len
+        self._buf[start : start + k] = x
+        self._len += k
+        g = self._seen
+        first = (-g) % r  # refresh points are every r judged rows, counted across batches
+        center, scale = np.empty((k, c)), np.empty((k, c))
+        if first:
+            assert self._cached is not None
+            center[:first], scale[:first] = self._cached
+        if first < k:
+            chunks = (k - first + r - 1) // r
+            # Windows end just before each refresh row: a strided view, no copy (chunks x n x C).
+            s0, s1 = self._buf.strides
+            base = self._buf[start + first - n :]
+            windows = as_strided(base, shape=(chunks, n, c), strides=(r * s0, s0, s1), writeable=False)
+            nan = self._last_nan >= g + first - n
+            cc, ss = self._stat(windows, axis=1, nan=nan)
+            center[first:], scale[first:] = _spread(cc, r, k - first), _spread(ss, r, k - first)
+            self._cached = (cc[-1], ss[-1])
+        return center, scale
+
+    def _make_room(self, k: int) -> None:
+        n = self.rows
+        if self._len + k <= len(self._buf):
+            return
+        keep = self._buf[self._len - n : self._len].copy()
+        if n + k > len(self._buf):
+            self._buf = np.full((2 * n + k, self._buf.shape[1]), np.nan)
+        self._buf[:n] = keep
+        self._len = n
 
     def _by_time(self, times: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         k, c, r = len(x), x.shape[1], self.refresh
         seconds = float(self.spec.window.seconds or 0.0)
         full, full_t = np.concatenate([self.values, x]), np.concatenate([self.times, times])
         h = len(self.values)
-        centers, scales = np.full((0, c), np.nan), np.full((0, c), np.nan)
-        rows_c, rows_s = [], []
-        for j in range(0, k, r):
+        center, scale = np.full((k, c), np.nan), np.full((k, c), np.nan)
+        j = 0
+        while j < k:
             lo = int(np.searchsorted(full_t[: h + j], times[j] - seconds, side="left"))
             w = full[lo : h + j]
-            if len(w) == 0:
-                rows_c.append(np.full(c, np.nan))
-                rows_s.append(np.full(c, np.nan))
-                continue
-            cc, ss = self._stat(w, axis=0)
-            rows_c.append(cc)
-            rows_s.append(ss)
-        if rows_c:
-            centers, scales = np.stack(rows_c), np.stack(rows_s)
+            # Refresh after a quarter of the window's rows (at least r): O(1) work per row.
+            step = max(r, len(w) // 4)
+            if len(w):
+                cc, ss = self._stat(w, axis=0)
+                center[j : j + step], scale[j : j + step] = cc, ss
+            j += step
         keep_from = int(np.searchsorted(full_t, full_t[-1] - seconds, side="left")) if len(full_t) else 0
         keep_from = max(keep_from, len(full) - self.rows)
         self.values, self.times = full[keep_from:], full_t[keep_from:]
-        return _spread(centers, r, k), _spread(scales, r, k)
+        return center, scale
 
     def _ema(self, x: np.ndarray) -> np.ndarray:
         a = 2.0 / (self.rows + 1)
@@ -177,11 +213,20 @@ class Window:
             idx = np.where(has.any(axis=0), has.argmax(axis=0), -1)
             for col in np.flatnonzero(first & (idx >= 0)):
                 state[col] = x[idx[col], col]
-        filled = np.where(np.isnan(x), state, x)
-        filled = np.where(np.isnan(filled), 0.0, filled)
-        y, _ = lfilter([a], [1.0, -(1.0 - a)], filled, axis=0, zi=((1.0 - a) * np.nan_to_num(state))[None, :])
+        if np.isnan(x).any():
+            # A missing value must leave the EMA as it is at that row: fold row by row.
+            center = np.empty_like(x)
+            for i, row in enumerate(x):
+                center[i] = state
+                state = np.where(
+                    np.isnan(row), state, np.where(np.isnan(state), row, (1 - a) * state + a * row)
+                )
+            self.ema = state
+            return center
+        # No NaN here, so every column's state is set: an exact per-step filter over the batch.
+        y, _ = lfilter([a], [1.0, -(1.0 - a)], x, axis=0, zi=((1.0 - a) * state)[None, :])
         center = np.concatenate([state[None, :], y[:-1]])
-        self.ema = np.where(np.isnan(state), np.nan, y[-1])
+        self.ema = y[-1]
         return center
 
     def _judge_frozen(self, steps: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -189,8 +234,9 @@ class Window:
         k, c = x.shape
         if self._frozen is None:
             inside = (steps >= lo) & (steps <= hi)
-            if inside.any() and sum(map(len, self._collected)) < FROZEN_ROWS:
+            if inside.any() and self._collected_rows < FROZEN_ROWS:
                 self._collected.append(x[inside])
+                self._collected_rows += int(inside.sum())
             if steps[-1] > hi:
                 data = np.concatenate(self._collected) if self._collected else np.full((0, c), np.nan)
                 with warnings.catch_warnings():

@@ -36,6 +36,7 @@ _TRUE_READY = np.True_
 ZSCORE_FLOOR = 0.01  # a spread below 1% of the center counts as 1%: tiny moves of flat series are not news
 ARRIVAL_HISTORY = 32
 MIN_ARRIVALS = 3
+FORGET_SECONDS = 3600.0  # a stream silent and disconnected this long loses its rule state
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,7 @@ class LeafState:
                 wide = np.full((len(x), self.window.columns), np.nan)
                 wide[:, state_cols] = x
                 c, sc, rd = self.window.judge(steps, times, wide)
+                rd = np.broadcast_to(rd, c.shape)  # a warm window answers "ready" with one scalar
                 center, scale, ready = c[:, state_cols], sc[:, state_cols], rd[:, state_cols]
         if cond.kind == "nonfinite":
             truth = ~np.isfinite(x)
@@ -174,6 +176,16 @@ class LeafState:
         self.prev[state_cols] = x[-1]
         self.prev_step[state_cols] = steps[-1]
         return truth, x, np.broadcast_to(center, x.shape)
+
+
+def _same_baseline(a: LeafState, b: LeafState) -> bool:
+    """Whether a reloaded condition may keep the old one's window (and its warm-up)."""
+    return (a.leaf.metric, a.leaf.baseline, a.window_text, a.leaf.when.measure == "zscore") == (
+        b.leaf.metric,
+        b.leaf.baseline,
+        b.window_text,
+        b.leaf.when.measure == "zscore",
+    )
 
 
 def _compare(cond: Condition, m: np.ndarray) -> np.ndarray:
@@ -262,7 +274,7 @@ class Engine:
         events: list[Event] = []
         for key, st in list(self._states.items()):
             name = key[0]
-            if name in new and new[name].rule.version == st.rule.version:
+            if name in new and new[name].version == st.loaded.version:
                 continue
             why = "rule removed" if name not in new else "rule changed"
             events += self._resolve_all(st, why, now)
@@ -270,11 +282,7 @@ class Engine:
             if name in new:
                 fresh = RuleState(new[name], st.stream)
                 for leaf_new, leaf_old in zip(fresh.leaves, st.leaves, strict=False):
-                    if (leaf_new.leaf.metric, leaf_new.leaf.baseline, leaf_new.window_text) == (
-                        leaf_old.leaf.metric,
-                        leaf_old.leaf.baseline,
-                        leaf_old.window_text,
-                    ):
+                    if _same_baseline(leaf_new, leaf_old):
                         leaf_new.window, leaf_new.keys, leaf_new.cols = (
                             leaf_old.window,
                             leaf_old.keys,
@@ -392,14 +400,14 @@ class Engine:
             truth, x, center = ls.judge(steps, times, block_cols, cols, values)
             out_keys = keys
         else:
-            truths, x, center = [], None, None
+            truths, x, center, metric = [], None, None, ""
             for ls in st.leaves:
                 block_cols, cols, _ = ls.select(set_id, names)
                 if len(cols):
                     t, xv, cv = ls.judge(steps, times, block_cols, cols, values)
                     ls.last_truth = bool(t[-1, 0])
                     if x is None:
-                        x, center = xv, cv
+                        x, center, metric = xv, cv, ls.leaf.metric
                 else:
                     t = np.full((k, 1), ls.last_truth)
                 truths.append(t)
@@ -407,7 +415,7 @@ class Engine:
                 return []
             reduce = np.logical_and if st.rule.when.mode == "all" else np.logical_or  # type: ignore[union-attr]
             truth = reduce.reduce(truths)
-            cols, out_keys = np.zeros(1, dtype=np.intp), [st.leaves[0].leaf.metric]
+            cols, out_keys = np.zeros(1, dtype=np.intp), [metric]
         st.grow(int(cols.max()) + 1)
         active = st.active(truth, cols, times)
         if not st.firing[cols].any() and not active.any():
@@ -437,7 +445,7 @@ class Engine:
     def tick(self, now: float, connected: Iterable[int]) -> list[Event]:
         """Judge ``absent`` rules: a connected stream with no new step for too long."""
         live = set(connected)
-        events: list[Event] = []
+        events = self.forget_idle(now, live)
         for sid, track in self._streams.items():
             states = [
                 st
@@ -486,8 +494,18 @@ class Engine:
                     )
         return events
 
-    def forget_stream(self, stream_id: int) -> None:
-        self._streams.pop(stream_id, None)
+    def forget_idle(self, now: float, connected: set[int]) -> list[Event]:
+        """Drop the state of streams gone (not connected, no step) for ``FORGET_SECONDS``,
+        resolving what they had firing: memory follows the runs alive, not all runs ever."""
+        events: list[Event] = []
+        for sid, track in list(self._streams.items()):
+            if sid in connected or track.last_arrival is None or now - track.last_arrival < FORGET_SECONDS:
+                continue
+            for key in [k for k in self._states if k[1] == sid]:
+                events += self._resolve_all(self._states.pop(key), "run gone", now)
+            del self._streams[sid]
+            self._per_stream.pop(sid, None)
+        return events
 
     # -- events -------------------------------------------------------------------------------
 
@@ -510,7 +528,7 @@ class Engine:
         summary = _summary(rule, st.stream, metric, step, value, baseline, window, shard, state, why)
         event = Event(
             rule.name,
-            rule.version,
+            st.loaded.version,
             rule.severity,
             state,
             st.stream.run,
@@ -548,9 +566,14 @@ class Engine:
         return events
 
     def clear_firing(self) -> None:
-        """Forget what fires (keeping baselines): after warming up from stored steps."""
+        """Forget what fires and when steps arrived, keeping baselines: after warming up from
+        stored steps, which say nothing about how often this daemon will see new ones."""
+        for track in self._streams.values():
+            track.last_arrival = None
+            track.gaps.clear()
         for st in self._states.values():
             st.firing[:] = False
+            st.run_len[:] = 0
         with self._lock:
             self._active.clear()
 
@@ -590,7 +613,7 @@ def _summary(
     if rule.summary:
         try:
             text = rule.summary.format(**fields)
-        except (ValueError, KeyError, IndexError, TypeError):
+        except Exception:  # a summary must never stop judging; fall back to the plain one
             text = None
     if text is None:
         cond = rule.when if isinstance(rule.when, Condition) else f"{rule.when.mode} of conditions"

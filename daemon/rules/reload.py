@@ -39,6 +39,8 @@ class RuleSource:
         self._timer: threading.Timer | None = None
         self._observer: Observer | None = None  # type: ignore[valid-type]
         self._error_files: set[str] = set()
+        self._timer_lock = threading.Lock()
+        self._stopped = False
 
     def load(self) -> list[RuleError]:
         """(Re)load every file; refused files keep their previous rules. Returns the refusals."""
@@ -78,21 +80,31 @@ class RuleSource:
         self._observer = observer
 
     def stop(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        """Stop watching; no reload starts after this returns."""
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(timeout=5)
+        with self._timer_lock:
+            self._stopped = True
+            if self._timer is not None:
+                self._timer.cancel()
+        with self._lock:  # wait for a reload in progress
+            pass
 
     def _schedule(self) -> None:
         # Editors write a file in several events (truncate, write, rename): reload once after.
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = threading.Timer(DEBOUNCE_SECONDS, self._reload_quietly)
-        self._timer.daemon = True
-        self._timer.start()
+        with self._timer_lock:
+            if self._stopped:
+                return
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = threading.Timer(DEBOUNCE_SECONDS, self._reload_quietly)
+            self._timer.daemon = True
+            self._timer.start()
 
     def _reload_quietly(self) -> None:
+        if self._stopped:
+            return
         try:
             self.load()
         except Exception:

@@ -332,6 +332,23 @@ def _check_summary(text: str) -> None:
         root = re.split(r"[.\[]", f, maxsplit=1)[0]
         if root not in SUMMARY_FIELDS:
             raise ValueError(f"summary: unknown field {{{f}}}; known: {', '.join(sorted(SUMMARY_FIELDS))}")
+    sample = {
+        "rule": "r",
+        "run": "run",
+        "rank": 0,
+        "metric": "m",
+        "step": 1,
+        "value": 1.5,
+        "baseline": 1.0,
+        "ratio": 1.5,
+        "window": "w",
+        "severity": "warning",
+        "shard": "7",
+    }
+    try:
+        text.format(**sample)
+    except Exception as exc:
+        raise ValueError(f"summary: cannot be formatted: {exc}") from None
 
 
 class RuleFile(_Strict):
@@ -363,6 +380,13 @@ class LoadedRule:
     path: Path
     line: int
     frozen: tuple[tuple[int, int] | None, ...]  # per leaf, ranges resolved
+
+    @functools.cached_property
+    def version(self) -> str:
+        """The rule's content hash, with named step ranges resolved (editing a range is a change)."""
+        if not any(self.frozen):
+            return self.rule.version
+        return hashlib.sha256(f"{self.rule.version}{self.frozen}".encode()).hexdigest()[:12]
 
 
 def _to_python(node: yaml.Node, path: tuple[Any, ...], lines: dict[tuple[Any, ...], int]) -> Any:

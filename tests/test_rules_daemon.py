@@ -189,8 +189,12 @@ def test_a_silent_connected_run_is_a_stall(rootdir: Path) -> None:
         [stall] = reply["firing"]
         assert stall["rule"] == "stalled" and stall["step"] == 9 and stall["value"] >= 1.0
         s.send(10, loss=1.0)
-        wait_for(lambda: not alerts(d)["firing"], what="the stall to resolve")
-        assert "steps arrive again" in alerts(d)["recent"][0]["summary"]
+        resolved = wait_for(
+            lambda: [e for e in alerts(d)["recent"] if e["state"] == "resolved"], what="the stall to resolve"
+        )
+        assert resolved[0]["step"] == 10 and "steps arrive again" in resolved[0]["summary"]
+        # Silent again after step 10: the stall is judged again and fires again.
+        wait_for(lambda: alerts(d)["firing"], timeout=10, what="a second stall")
         s.close()
     finally:
         d.terminate()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import subprocess
 import sys
 import time
@@ -62,6 +63,13 @@ def test_wheel_installs_into_a_clean_venv_and_the_daemon_runs_without_torch(tmp_
                 break
             time.sleep(0.2)
         assert status and '"reachable": true' in status
+        # The default rule pack ships inside the wheel, with its tests, and is what runs.
+        assert json.loads(status)["rules"]["loaded"] >= 8
+        r = subprocess.run([str(venv / "bin" / "runwatch"), "rules", "test",
+                            str(venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+                                / "site-packages" / "runwatch" / "rules" / "tests")],
+                           capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode == 0 and " 0 failed" in r.stdout, r.stdout + r.stderr
     finally:
         daemon.terminate()
         assert daemon.wait(timeout=30) == 0, daemon.stderr.read() if daemon.stderr else ""

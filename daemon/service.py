@@ -29,6 +29,7 @@ from runwatch.daemon import __version__
 from runwatch.daemon import store as store_mod
 from runwatch.daemon.config import ConfigError, Settings
 from runwatch.daemon.exporter import REJECT_REASONS, AlertCollector, DaemonMetrics, TrainCollector, serve
+from runwatch.daemon.hostio import HostIO
 from runwatch.daemon.ingest import Ingest
 from runwatch.daemon.live import LiveView
 from runwatch.daemon.rules.engine import Engine, Event, StreamRef
@@ -104,7 +105,7 @@ class Daemon:
         self.registry = CollectorRegistry()
         self.metrics = DaemonMetrics(self.registry)
         self.registry.register(TrainCollector(self.live))
-        self.engine = Engine() if s.rules_enabled else None
+        self.engine = Engine(host_io=HostIO()) if s.rules_enabled else None
         self.rules: RuleSource | None = None
 
         ingest: Ingest | None = None

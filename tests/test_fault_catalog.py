@@ -30,7 +30,7 @@ CATALOG: dict[str, tuple[str, str, int, list[str]]] = {
     "lr_blowup": ("grad_norm_divergence", "", FAULT_AT, []),
     "nan": ("grad_norm_nonfinite", "", FAULT_AT, []),
     "padding": ("token_efficiency_drop", "shard 99", FAULT_AT, []),
-    "slow_loader": ("throughput_drop", "", 40, ["--step-seconds", "0.4"]),
+    "slow_loader": ("throughput_drop", "; host: disk read", 40, ["--step-seconds", "0.4"]),
     "input_shift": ("activation_drift", "activation_norm/", FAULT_AT, []),
 }
 

@@ -266,3 +266,18 @@ def test_ema_with_gaps_is_the_same_in_one_batch_or_step_by_step() -> None:
         == judge(ema, series, batch=30)
         == [(22, "spike", "firing", "grad_norm"), (23, "spike", "resolved", "grad_norm")]
     )
+
+
+def test_host_io_context_is_attached_to_firings_that_ask_for_it() -> None:
+    from runwatch.daemon.hostio import HostIO
+
+    engine = Engine(rules(SPIKE.replace("severity", "context: [host_io]\n    severity")), host_io=HostIO())
+    engine.tick(0.0, [])
+    engine.tick(1.0, [])  # two samples of the real /proc counters
+    ref = StreamRef(1, "r", 0)
+    steps = np.arange(41)
+    vals = np.ones((41, 1))
+    vals[40] = 9.0
+    [event] = engine.observe(ref, 0, ("grad_norm",), steps, steps * 1.0, vals, now=41.0)
+    assert "; host: disk read" in event.summary and "network in" in event.summary
+    assert float(event.labels["disk_read_mb_per_s"]) >= 0 and "net_sent_mb_per_s" in event.labels

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from runwatch.daemon.hostio import HostIO
 from runwatch.daemon.rules.baseline import Window, describe
 from runwatch.daemon.rules.spec import Condition, Leaf, LoadedRule, Rule
 
@@ -254,7 +255,11 @@ class StreamTrack:
 
 
 class Engine:
-    def __init__(self, rules: Iterable[LoadedRule] = ()) -> None:
+    """``host_io``, when given, is sampled on every tick and answers rules with
+    ``context: [host_io]``."""
+
+    def __init__(self, rules: Iterable[LoadedRule] = (), host_io: HostIO | None = None) -> None:
+        self.host_io = host_io
         self.rules: list[LoadedRule] = []
         self._states: dict[tuple[str, int], RuleState] = {}
         self._per_stream: dict[int, list[RuleState]] = {}
@@ -444,6 +449,8 @@ class Engine:
 
     def tick(self, now: float, connected: Iterable[int]) -> list[Event]:
         """Judge ``absent`` rules: a connected stream with no new step for too long."""
+        if self.host_io is not None:
+            self.host_io.sample()
         live = set(connected)
         events = self.forget_idle(now, live)
         for sid, track in self._streams.items():
@@ -526,6 +533,10 @@ class Engine:
         if isinstance(rule.when, Condition) and rule.when.kind == "absent":
             window = "usual interval between arrivals"
         summary = _summary(rule, st.stream, metric, step, value, baseline, window, shard, state, why)
+        labels = dict(rule.labels)
+        if state == "firing" and "host_io" in rule.context and self.host_io is not None:
+            summary += f"; {self.host_io.describe()}"
+            labels.update({k: f"{v:g}" for k, v in self.host_io.rates().items()})
         event = Event(
             rule.name,
             st.loaded.version,
@@ -541,7 +552,7 @@ class Engine:
             window,
             summary,
             tuple(rule.actions),
-            dict(rule.labels),
+            labels,
             shard,
         )
         with self._lock:

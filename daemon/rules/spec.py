@@ -275,6 +275,9 @@ class Rule(_Strict):
     ]
     for_: SpanField = Field(default=Span(steps=1), alias="for")
     labels: dict[str, str] = Field(default_factory=dict)
+    context: list[Literal["host_io"]] = Field(
+        default_factory=list, description="host_io: add the node's disk and network rates to a firing"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Rule:

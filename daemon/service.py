@@ -17,7 +17,7 @@ import socket
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from itertools import groupby
 from pathlib import Path
 from typing import Any
@@ -188,8 +188,8 @@ class Daemon:
             self._writer.tick([st.info.id for st in self.live.snapshot() if st.connections > 0])
 
     def _warm_rules(self, store: Store, engine: Engine) -> None:
-        """Give baselines the last steps from the store, and close alerts left open by the last
-        daemon: they fire again if they still should."""
+        """Give baselines the last steps from the store, and take over the alerts the last daemon
+        left firing: they resolve when a new step says so (nothing fires or pages twice)."""
         sets = store_mod.metric_sets(store.conn)
         recent = time.time() - WARM_SECONDS
         for info in store_mod.streams(store.conn, seen_since=recent):
@@ -205,12 +205,15 @@ class Daemon:
                 times = np.array([r[1] for r in batch])
                 engine.observe(ref, set_id, names, steps, times, values, now=float(times[-1]))
         engine.clear_firing()
+        refs = {(info.run, info.rank): StreamRef(info.id, info.run, info.rank)
+                for info in store_mod.streams(store.conn)}
         now = time.time()
+        lost = engine.restore_firing([Event(**row) for row in store_mod.open_alerts(store.conn)], refs)
         with store.conn:
-            for rule, version, severity, run, rank, metric, step in store_mod.open_alerts(store.conn):
-                why = f"resolved: {rule} on {run} rank {rank} [daemon restarted; judged again from new steps]"
-                store.insert_event(now, Event(rule, version, severity, "resolved", run, rank, metric, step,
-                                              now, math.nan, math.nan, "", why, (), {}, None))
+            for e in lost:
+                why = (f"resolved: {e.rule} on {e.run} rank {e.rank}"
+                       " [the rule changed or went away while the daemon was down]")
+                store.insert_event(now, replace(e, state="resolved", summary=why, actions=()))
 
     def _reload_settings(self) -> None:
         if self.rules is not None:

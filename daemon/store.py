@@ -354,13 +354,25 @@ def alert_events(conn: sqlite3.Connection, limit: int = 50, run: str | None = No
     return out
 
 
-def open_alerts(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
-    """Series whose latest stored event is a firing: (rule, version, severity, run, rank, metric, step)."""
-    return conn.execute(
-        "SELECT e.rule, e.rule_version, e.severity, e.run, e.rank, e.metric, e.step FROM alert_events e"
+def open_alerts(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+    """The firing event of every series whose latest stored event is a firing."""
+    cur = conn.execute(
+        "SELECT e.rule, e.rule_version AS version, e.severity, e.state, e.run, e.rank, e.metric, e.step,"
+        " e.sample_time, e.value, e.baseline, e.window, e.summary, e.actions, e.labels, e.shard"
+        " FROM alert_events e"
         " JOIN (SELECT MAX(id) AS id FROM alert_events GROUP BY rule, run, rank, metric) last"
         " ON last.id = e.id WHERE e.state = 'firing'"
-    ).fetchall()
+    )
+    keys = [d[0] for d in cur.description]
+    out = []
+    for row in cur.fetchall():
+        d = dict(zip(keys, row, strict=True))
+        d["value"] = math.nan if d["value"] is None else d["value"]
+        d["baseline"] = math.nan if d["baseline"] is None else d["baseline"]
+        d["actions"] = tuple(json.loads(d["actions"] or "[]"))
+        d["labels"] = json.loads(d["labels"] or "{}")
+        out.append(d)
+    return out
 
 
 def recent_rows(conn: sqlite3.Connection, stream_id: int, limit: int) -> list[tuple[int, float, int, bytes]]:

@@ -588,6 +588,35 @@ class Engine:
         with self._lock:
             self._active.clear()
 
+    def restore_firing(self, firing: list[Event], refs: dict[tuple[str, int], StreamRef]) -> list[Event]:
+        """Take over series a previous daemon left firing (after :meth:`clear_firing`): they stay
+        firing until a new step resolves them. Returns those that cannot be taken over: the
+        rule changed or went away, its stream or metric is unknown, or it is an ``absent`` rule
+        (judged afresh on the clock)."""
+        by_name = {lr.rule.name: lr for lr in self.rules}
+        lost = []
+        for e in firing:
+            lr, ref = by_name.get(e.rule), refs.get((e.run, e.rank))
+            if lr is None or ref is None or lr.version != e.version or (
+                isinstance(lr.rule.when, Condition) and lr.rule.when.kind == "absent"
+            ):
+                lost.append(e)
+                continue
+            st = next((s for s in self._rule_states(ref) if s.rule.name == e.rule), None)
+            col = 0 if st is not None and st.composite else (
+                st.leaves[0].cols.get(e.metric) if st is not None else None)
+            if st is None or col is None:
+                lost.append(e)
+                continue
+            st.grow(col + 1)
+            st.firing[col] = True
+            # As if the condition had held long enough: one more true step keeps it firing.
+            st.run_len[col] = max(st.rule.for_.steps or 1, 1)
+            st.run_start[col] = -math.inf
+            with self._lock:
+                self._active[e.key] = e
+        return lost
+
     def active(self) -> list[Event]:
         """Series firing now."""
         with self._lock:

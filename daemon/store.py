@@ -136,7 +136,7 @@ class Store:
                 " rule_version TEXT NOT NULL, severity TEXT NOT NULL, state TEXT NOT NULL,"
                 " run TEXT NOT NULL, rank INTEGER NOT NULL, metric TEXT NOT NULL, step INTEGER NOT NULL,"
                 " sample_time REAL, value REAL, baseline REAL, window TEXT, summary TEXT,"
-                " actions TEXT, labels TEXT, shard REAL)"
+                " actions TEXT, labels TEXT, shard REAL, context TEXT)"
             )
             self.conn.execute("CREATE INDEX IF NOT EXISTS alert_events_series"
                               " ON alert_events (rule, run, rank, metric, id)")
@@ -145,6 +145,25 @@ class Store:
                 " id INTEGER PRIMARY KEY, event_id INTEGER NOT NULL REFERENCES alert_events(id),"
                 " time REAL NOT NULL, rule TEXT NOT NULL, run TEXT NOT NULL, rank INTEGER NOT NULL,"
                 " step INTEGER NOT NULL, action TEXT NOT NULL, status TEXT NOT NULL)"
+            )
+            # Notifications (daemon/notify): what each receiver was told about each group, the
+            # durable outbox of messages still to deliver, and silences.
+            self.conn.execute(
+                "CREATE TABLE IF NOT EXISTS notify_log (receiver TEXT NOT NULL, group_key TEXT NOT NULL,"
+                " firing TEXT NOT NULL, resolved TEXT NOT NULL, at REAL NOT NULL, ref TEXT,"
+                " PRIMARY KEY (receiver, group_key))"
+            )
+            self.conn.execute(
+                "CREATE TABLE IF NOT EXISTS outbox (id INTEGER PRIMARY KEY, receiver TEXT NOT NULL,"
+                " group_key TEXT NOT NULL, created REAL NOT NULL, payload TEXT NOT NULL,"
+                " state TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, next_attempt REAL NOT NULL,"
+                " last_error TEXT, sent_at REAL)"
+            )
+            self.conn.execute("CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (receiver, state, id)")
+            self.conn.execute(
+                "CREATE TABLE IF NOT EXISTS silences (id INTEGER PRIMARY KEY, matchers TEXT NOT NULL,"
+                " starts_at REAL NOT NULL, ends_at REAL NOT NULL, comment TEXT NOT NULL,"
+                " created_by TEXT NOT NULL)"
             )
             db["meta"].upsert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
         for set_id, names in self.conn.execute("SELECT id, names FROM metric_sets"):
@@ -232,11 +251,11 @@ class Store:
         other than ``alert``. Call inside a transaction; returns the event id."""
         cur = self.conn.execute(
             "INSERT INTO alert_events (time, rule, rule_version, severity, state, run, rank, metric, step,"
-            " sample_time, value, baseline, window, summary, actions, labels, shard)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " sample_time, value, baseline, window, summary, actions, labels, shard, context)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (now, e.rule, e.version, e.severity, e.state, e.run, e.rank, e.metric, e.step, e.sample_time,
              _real(e.value), _real(e.baseline), e.window, e.summary, json.dumps(list(e.actions)),
-             json.dumps(e.labels), e.shard),
+             json.dumps(e.labels), e.shard, json.dumps(e.context)),
         )
         event_id = int(cur.lastrowid or 0)
         if e.state == "firing":
@@ -265,6 +284,7 @@ class AlertRow(Protocol):
     actions: tuple[str, ...]
     labels: dict[str, str]
     shard: float | None
+    context: dict[str, str]
 
 
 def _real(x: float) -> float | None:
@@ -358,7 +378,7 @@ def open_alerts(conn: sqlite3.Connection) -> list[dict[str, Any]]:
     """The firing event of every series whose latest stored event is a firing."""
     cur = conn.execute(
         "SELECT e.rule, e.rule_version AS version, e.severity, e.state, e.run, e.rank, e.metric, e.step,"
-        " e.sample_time, e.value, e.baseline, e.window, e.summary, e.actions, e.labels, e.shard"
+        " e.sample_time, e.value, e.baseline, e.window, e.summary, e.actions, e.labels, e.shard, e.context"
         " FROM alert_events e"
         " JOIN (SELECT MAX(id) AS id FROM alert_events GROUP BY rule, run, rank, metric) last"
         " ON last.id = e.id WHERE e.state = 'firing'"
@@ -371,6 +391,7 @@ def open_alerts(conn: sqlite3.Connection) -> list[dict[str, Any]]:
         d["baseline"] = math.nan if d["baseline"] is None else d["baseline"]
         d["actions"] = tuple(json.loads(d["actions"] or "[]"))
         d["labels"] = json.loads(d["labels"] or "{}")
+        d["context"] = json.loads(d["context"] or "{}")
         out.append(d)
     return out
 

@@ -280,4 +280,4 @@ def test_host_io_context_is_attached_to_firings_that_ask_for_it() -> None:
     vals[40] = 9.0
     [event] = engine.observe(ref, 0, ("grad_norm",), steps, steps * 1.0, vals, now=41.0)
     assert "; host: disk read" in event.summary and "network in" in event.summary
-    assert float(event.labels["disk_read_mb_per_s"]) >= 0 and "net_sent_mb_per_s" in event.labels
+    assert float(event.context["disk_read_mb_per_s"]) >= 0 and "net_sent_mb_per_s" in event.context

@@ -58,8 +58,9 @@ class Event:
     window: str
     summary: str
     actions: tuple[str, ...]
-    labels: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)  # the rule's own labels (routing)
     shard: float | None = None
+    context: dict[str, str] = field(default_factory=dict)  # what the node looked like (host_io)
 
     @property
     def key(self) -> tuple[str, str, int, str]:
@@ -533,10 +534,10 @@ class Engine:
         if isinstance(rule.when, Condition) and rule.when.kind == "absent":
             window = "usual interval between arrivals"
         summary = _summary(rule, st.stream, metric, step, value, baseline, window, shard, state, why)
-        labels = dict(rule.labels)
+        context: dict[str, str] = {}
         if state == "firing" and "host_io" in rule.context and self.host_io is not None:
             summary += f"; {self.host_io.describe()}"
-            labels.update({k: f"{v:g}" for k, v in self.host_io.rates().items()})
+            context = {k: f"{v:g}" for k, v in self.host_io.rates().items()}
         event = Event(
             rule.name,
             st.loaded.version,
@@ -552,8 +553,9 @@ class Engine:
             window,
             summary,
             tuple(rule.actions),
-            labels,
+            dict(rule.labels),
             shard,
+            context,
         )
         with self._lock:
             if state == "firing":

@@ -22,6 +22,7 @@ from pydantic_settings import (
 )
 
 from runwatch.daemon import paths
+from runwatch.daemon.notify.config import Alerting
 
 SYSTEM_CONFIG = Path("/etc/runwatch/runwatch.toml")
 
@@ -58,6 +59,7 @@ class Settings(BaseSettings):
         description="Rule files or folders of *.yaml; saving one reloads it.",
     )
     rules_enabled: bool = True
+    alerting: Alerting = Field(default_factory=Alerting, description="receivers, routes, grouping")
 
     @field_validator("socket_mode", mode="before")
     @classmethod

@@ -121,6 +121,18 @@ class DaemonMetrics:
             registry=registry,
         )
         self.rules_loaded = Gauge("runwatch_rules_loaded", "Rules in force.", registry=registry)
+        self.notifications = Counter(
+            "runwatch_notifications",
+            "Delivery attempts by receiver and result (sent, retry, failed: given up).",
+            ["receiver", "result"],
+            registry=registry,
+        )
+        self.notify_decisions = Counter(
+            "runwatch_notify_decisions",
+            "Notifications decided, by reason (first_notification, new_alerts_in_group, ...).",
+            ["reason"],
+            registry=registry,
+        )
         self.rule_file_errors = Gauge(
             "runwatch_rules_file_errors",
             "Problems in a rule file whose current contents were refused (0 when it loads).",

@@ -278,6 +278,7 @@ class Ingest:
             if kind != Kind.QUERY:
                 raise ProtocolError("unexpected", f"a CLI connection may send QUERY, not {kind.name}")
             request = protocol.decode_json(payload)
+            request["peer_uid"] = conn.peer.uid  # who asks, from SO_PEERCRED: never from the client
             try:
                 reply = self._query(request)
             except Exception as exc:  # a bad query must not take the connection down

@@ -32,6 +32,7 @@ from runwatch.daemon.exporter import REJECT_REASONS, AlertCollector, DaemonMetri
 from runwatch.daemon.hostio import HostIO
 from runwatch.daemon.ingest import Ingest
 from runwatch.daemon.live import LiveView
+from runwatch.daemon.notify.notifier import Notifier
 from runwatch.daemon.rules.engine import Engine, Event, StreamRef
 from runwatch.daemon.rules.reload import RuleSource
 from runwatch.daemon.rules.spec import SEVERITY_ORDER
@@ -108,9 +109,16 @@ class Daemon:
         self.engine = Engine(host_io=HostIO()) if s.rules_enabled else None
         self.rules: RuleSource | None = None
 
+        self.notifier: Notifier | None = None
+        if self.engine is not None:
+            try:
+                self.notifier = Notifier(s.alerting, s.store_path, self.metrics)
+            except ValueError as exc:  # a receiver's secret is missing from the environment
+                store.close()
+                raise StartupError(f"alerting: {exc}") from None
         ingest: Ingest | None = None
         writer = Writer(store, self.live, self.metrics, lambda results: ingest.notify(results),  # type: ignore[union-attr]
-                        engine=self.engine)
+                        engine=self.engine, on_events=self.notifier.submit if self.notifier else None)
         self._writer = writer
         ingest = Ingest(lambda: self.settings, writer, self.live, self.metrics, self.query)
         self._ingest = ingest
@@ -127,7 +135,10 @@ class Daemon:
                 self.metrics,
             )
             self.rules.load()
-            writer.call(lambda store: self._warm_rules(store, engine)).result()
+            lost = writer.call(lambda store: self._warm_rules(store, engine)).result()
+            assert self.notifier is not None
+            self.notifier.start(firing=engine.active())
+            self.notifier.submit(lost)
         exporter = None
         try:
             try:
@@ -166,6 +177,8 @@ class Daemon:
             if self.rules is not None:
                 self.rules.stop()
             writer.stop()
+            if self.notifier is not None:
+                self.notifier.stop()
             store.close()
             if exporter is not None:
                 exporter.shutdown()
@@ -187,7 +200,7 @@ class Daemon:
             await asyncio.sleep(TICK_SECONDS)
             self._writer.tick([st.info.id for st in self.live.snapshot() if st.connections > 0])
 
-    def _warm_rules(self, store: Store, engine: Engine) -> None:
+    def _warm_rules(self, store: Store, engine: Engine) -> list[Event]:
         """Give baselines the last steps from the store, and take over the alerts the last daemon
         left firing: they resolve when a new step says so (nothing fires or pages twice)."""
         sets = store_mod.metric_sets(store.conn)
@@ -214,6 +227,8 @@ class Daemon:
                 why = (f"resolved: {e.rule} on {e.run} rank {e.rank}"
                        " [the rule changed or went away while the daemon was down]")
                 store.insert_event(now, replace(e, state="resolved", summary=why, actions=()))
+        why = "resolved: the rule changed or went away while the daemon was down"
+        return [replace(e, state="resolved", summary=why, actions=()) for e in lost]
 
     def _reload_settings(self) -> None:
         if self.rules is not None:
@@ -245,7 +260,35 @@ class Daemon:
             return self.alerts(limit=int(request.get("limit") or 50), run=request.get("run"))
         if op == "rules":
             return self.rules_status()
-        return {"error": f"unknown query op {op!r}; known: status, runs, alerts, rules"}
+        if op in ("silence_add", "silences", "silence_expire", "notifications"):
+            return self.notifications(op, request)
+        return {"error": f"unknown query op {op!r}; known: status, runs, alerts, rules, silences,"
+                         " silence_add, silence_expire, notifications"}
+
+    def notifications(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
+        n = self.notifier
+        if n is None:
+            return {"error": "alerting is off (rules_enabled = false)"}
+        if op == "silence_add":
+            matchers = request.get("matchers")
+            seconds = request.get("seconds")
+            if not isinstance(matchers, dict) or not matchers or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in matchers.items()):
+                return {"error": "matchers: give at least one label=value"}
+            if not isinstance(seconds, int | float) or not 0 < seconds <= 366 * 86400:
+                return {"error": "seconds: a duration between 1 second and a year"}
+            who = f"uid {request.get('peer_uid')}"
+            return {"id": n.silence(matchers, float(seconds), str(request.get("comment") or ""), who)}
+        if op == "silence_expire":
+            sid = request.get("id")
+            if not isinstance(sid, int):
+                return {"error": "id: a silence id (an integer)"}
+            return {"expired": n.expire(sid)}
+        if op == "silences":
+            now = time.time()
+            return {"silences": [{**asdict(x), "active": x.active(now)} for x in n.silences()]}
+        return {"outbox": n.outbox(int(request.get("limit") or 50)), "counts": n.counts(),
+                "receivers": {name: r.config.type for name, r in n.receivers.items()}}
 
     def alerts(self, limit: int = 50, run: str | None = None) -> dict[str, Any]:
         if self.engine is None:

@@ -67,9 +67,11 @@ class Writer:
         metrics: DaemonMetrics,
         notify: Callable[[list[tuple[Done, BaseException | None]]], None],
         engine: Engine | None = None,
+        on_events: Callable[[list[Event]], None] | None = None,
     ) -> None:
         self.store = store
         self.engine = engine
+        self.on_events = on_events
         self._refs: dict[int, StreamRef] = {}
         self.live = live
         self.metrics = metrics
@@ -251,6 +253,8 @@ class Writer:
         except sqlite3.Error as exc:
             self.metrics.store_errors.labels(_store_error_kind(exc)).inc()
             log.error("could not store %d alert events (%s); they were logged above", len(events), exc)
+        if self.on_events is not None:
+            self.on_events(events)
 
 
 def _store_error_kind(exc: sqlite3.Error) -> str:

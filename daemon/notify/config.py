@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import re
+import ssl
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, model_validator
@@ -56,14 +57,20 @@ class Receiver(_Model):
     routing_key_env: str | None = None
     # slack, pagerduty: an API base other than the public one (a proxy, or a test server)
     base_url: str | None = None
+    ca_file: str | None = Field(default=None, description="CA bundle to trust for this receiver's HTTPS")
     messages_per_second: float = Field(default=1.0, gt=0, description="rate limit of this receiver")
-    max_attempts: int = Field(default=12, ge=1, description="deliveries tried before giving up")
+    max_attempts: int = Field(default=20, ge=1, description="deliveries tried before giving up")
     dashboard_url: str | None = None
 
     @model_validator(mode="after")
     def _needs(self) -> Receiver:
-        need = {"slack": ("token", "channel"), "slack_webhook": ("url",), "pagerduty": ("routing_key",),
-                "webhook": ("url",), "log": ()}[self.type]
+        need = {
+            "slack": ("token", "channel"),
+            "slack_webhook": ("url",),
+            "pagerduty": ("routing_key",),
+            "webhook": ("url",),
+            "log": (),
+        }[self.type]
         for name in need:
             if name == "channel":
                 if not self.channel:
@@ -72,6 +79,9 @@ class Receiver(_Model):
             if getattr(self, name) is None and getattr(self, f"{name}_env") is None:
                 raise ValueError(f"a {self.type} receiver needs '{name}' or '{name}_env'")
         return self
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=self.ca_file)
 
     def secret(self, name: str) -> str:
         """The secret ``name`` (token, url, routing_key), from the config or the environment."""
@@ -104,7 +114,8 @@ class Route(_Model):
 
     def matches(self, labels: dict[str, str]) -> bool:
         return all(labels.get(k) == v for k, v in self.match.items()) and all(
-            re.fullmatch(p, labels.get(k, "")) for k, p in self.match_re.items())
+            re.fullmatch(p, labels.get(k, "")) for k, p in self.match_re.items()
+        )
 
 
 class Inhibit(_Model):
@@ -118,8 +129,11 @@ class Inhibit(_Model):
 def _default_inhibits() -> list[Inhibit]:
     # A critical alert mutes the warning about the same signal of the same run and rank
     # (grad_norm_divergence mutes grad_norm_spike).
-    return [Inhibit(source={"severity": "critical"}, target={"severity": "warning"},
-                    equal=["run", "rank", "metric"])]
+    return [
+        Inhibit(
+            source={"severity": "critical"}, target={"severity": "warning"}, equal=["run", "rank", "metric"]
+        )
+    ]
 
 
 class Alerting(_Model):
@@ -131,6 +145,7 @@ class Alerting(_Model):
     routes: list[Route] = Field(default_factory=list)
     inhibit: list[Inhibit] = Field(default_factory=_default_inhibits)
     node: str | None = Field(default=None, description="the node label of alerts (default: host name)")
+    retry_max_seconds: Seconds = Field(default=300.0, description="longest wait between delivery attempts")
 
     @model_validator(mode="after")
     def _known_receivers(self) -> Alerting:

@@ -38,13 +38,31 @@ class Alert:
 
     @classmethod
     def from_event(cls, e: Event, node: str, at: float) -> Alert:
-        labels = {"alertname": e.rule, "severity": e.severity, "run": e.run, "rank": str(e.rank),
-                  "metric": e.metric, "node": node, **e.labels}
+        labels = {
+            "alertname": e.rule,
+            "severity": e.severity,
+            "run": e.run,
+            "rank": str(e.rank),
+            "metric": e.metric,
+            "node": node,
+            **e.labels,
+        }
         context = dict(e.context)
         if e.shard is not None:
             context["data_shard"] = f"{e.shard:.0f}"
-        return cls(labels, e.state, at, at if e.state == "resolved" else None,
-                   e.summary, e.value, e.baseline, e.window, e.step, e.actions, context)
+        return cls(
+            labels,
+            e.state,
+            at,
+            at if e.state == "resolved" else None,
+            e.summary,
+            e.value,
+            e.baseline,
+            e.window,
+            e.step,
+            e.actions,
+            context,
+        )
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

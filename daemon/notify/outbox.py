@@ -11,7 +11,6 @@ dedups it by its key).
 from __future__ import annotations
 
 import json
-import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,9 +35,11 @@ class NotifyStore:
         self.conn = _connect(path)
         self._log: dict[tuple[str, str], LogEntry] = {}
         for receiver, key, firing, resolved, at, ref in self.conn.execute(
-                "SELECT receiver, group_key, firing, resolved, at, ref FROM notify_log"):
-            self._log[(receiver, key)] = LogEntry(frozenset(json.loads(firing)), frozenset(json.loads(resolved)),
-                                                  at, ref)
+            "SELECT receiver, group_key, firing, resolved, at, ref FROM notify_log"
+        ):
+            self._log[(receiver, key)] = LogEntry(
+                frozenset(json.loads(firing)), frozenset(json.loads(resolved)), at, ref
+            )
 
     def close(self) -> None:
         self.conn.close()
@@ -56,13 +57,21 @@ class NotifyStore:
                     "INSERT INTO notify_log (receiver, group_key, firing, resolved, at, ref)"
                     " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (receiver, group_key) DO UPDATE SET"
                     " firing = excluded.firing, resolved = excluded.resolved, at = excluded.at",
-                    (d.receiver, d.group_key, json.dumps(sorted(d.entry.firing)),
-                     json.dumps(sorted(d.entry.resolved)), d.entry.at, d.entry.ref))
+                    (
+                        d.receiver,
+                        d.group_key,
+                        json.dumps(sorted(d.entry.firing)),
+                        json.dumps(sorted(d.entry.resolved)),
+                        d.entry.at,
+                        d.entry.ref,
+                    ),
+                )
                 if d.notification is not None:
                     self.conn.execute(
                         "INSERT INTO outbox (receiver, group_key, created, payload, state, next_attempt)"
                         " VALUES (?, ?, ?, ?, 'pending', ?)",
-                        (d.receiver, d.group_key, now, json.dumps(_encode(d.notification)), now))
+                        (d.receiver, d.group_key, now, json.dumps(_encode(d.notification)), now),
+                    )
         for d in decided:
             self._log[(d.receiver, d.group_key)] = d.entry
 
@@ -70,7 +79,9 @@ class NotifyStore:
         """The oldest undelivered notification of a receiver (delivery is in order)."""
         row = self.conn.execute(
             "SELECT id, payload, attempts, next_attempt FROM outbox WHERE receiver = ? AND state = 'pending'"
-            " ORDER BY id LIMIT 1", (receiver,)).fetchone()
+            " ORDER BY id LIMIT 1",
+            (receiver,),
+        ).fetchone()
         if row is None:
             return None
         return Pending(row[0], _decode(json.loads(row[1])), row[2], row[3])
@@ -78,24 +89,32 @@ class NotifyStore:
     def delivered(self, p: Pending, now: float, ref: str | None) -> None:
         n = p.notification
         with self.conn:
-            self.conn.execute("UPDATE outbox SET state = 'sent', sent_at = ?, attempts = attempts + 1"
-                              " WHERE id = ?", (now, p.id))
+            self.conn.execute(
+                "UPDATE outbox SET state = 'sent', sent_at = ?, attempts = attempts + 1 WHERE id = ?",
+                (now, p.id),
+            )
             if ref is not None and n.firing:
-                self.conn.execute("UPDATE notify_log SET ref = ? WHERE receiver = ? AND group_key = ?",
-                                  (ref, n.receiver, n.group_key))
+                self.conn.execute(
+                    "UPDATE notify_log SET ref = ? WHERE receiver = ? AND group_key = ?",
+                    (ref, n.receiver, n.group_key),
+                )
         if ref is not None and n.firing and (n.receiver, n.group_key) in self._log:
             entry = self._log[(n.receiver, n.group_key)]
             self._log[(n.receiver, n.group_key)] = LogEntry(entry.firing, entry.resolved, entry.at, ref)
 
     def retry_later(self, p: Pending, at: float, error: str) -> None:
         with self.conn:
-            self.conn.execute("UPDATE outbox SET attempts = attempts + 1, next_attempt = ?, last_error = ?"
-                              " WHERE id = ?", (at, error, p.id))
+            self.conn.execute(
+                "UPDATE outbox SET attempts = attempts + 1, next_attempt = ?, last_error = ? WHERE id = ?",
+                (at, error, p.id),
+            )
 
     def give_up(self, p: Pending, error: str) -> None:
         with self.conn:
-            self.conn.execute("UPDATE outbox SET state = 'failed', attempts = attempts + 1, last_error = ?"
-                              " WHERE id = ?", (error, p.id))
+            self.conn.execute(
+                "UPDATE outbox SET state = 'failed', attempts = attempts + 1, last_error = ? WHERE id = ?",
+                (error, p.id),
+            )
 
     def ref(self, receiver: str, key: str) -> str | None:
         entry = self._log.get((receiver, key))
@@ -103,10 +122,22 @@ class NotifyStore:
 
     def outbox(self, limit: int = 50) -> list[dict[str, Any]]:
         rows = self.conn.execute(
-            "SELECT id, receiver, group_key, created, state, attempts, next_attempt, last_error, sent_at, payload"
-            " FROM outbox ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
-        keys = ("id", "receiver", "group_key", "created", "state", "attempts", "next_attempt", "last_error",
-                "sent_at")
+            "SELECT id, receiver, group_key, created, state, attempts, next_attempt, last_error, sent_at,"
+            " payload"
+            " FROM outbox ORDER BY id DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        keys = (
+            "id",
+            "receiver",
+            "group_key",
+            "created",
+            "state",
+            "attempts",
+            "next_attempt",
+            "last_error",
+            "sent_at",
+        )
         out = []
         for row in rows:
             d = dict(zip(keys, row[:-1], strict=True))
@@ -125,31 +156,47 @@ class NotifyStore:
     def add_silence(self, matchers: dict[str, str], starts: float, ends: float, comment: str, by: str) -> int:
         with self.conn:
             cur = self.conn.execute(
-                "INSERT INTO silences (matchers, starts_at, ends_at, comment, created_by) VALUES (?, ?, ?, ?, ?)",
-                (json.dumps(matchers, sort_keys=True), starts, ends, comment, by))
+                "INSERT INTO silences (matchers, starts_at, ends_at, comment, created_by)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (json.dumps(matchers, sort_keys=True), starts, ends, comment, by),
+            )
         return int(cur.lastrowid or 0)
 
     def silences(self) -> list[Silence]:
-        return [Silence(i, json.loads(m), s, e, c, b) for i, m, s, e, c, b in self.conn.execute(
-            "SELECT id, matchers, starts_at, ends_at, comment, created_by FROM silences ORDER BY id")]
+        return [
+            Silence(i, json.loads(m), s, e, c, b)
+            for i, m, s, e, c, b in self.conn.execute(
+                "SELECT id, matchers, starts_at, ends_at, comment, created_by FROM silences ORDER BY id"
+            )
+        ]
 
     def expire_silence(self, silence_id: int, now: float) -> bool:
         with self.conn:
-            cur = self.conn.execute("UPDATE silences SET ends_at = ? WHERE id = ? AND ends_at > ?",
-                                    (now, silence_id, now))
+            cur = self.conn.execute(
+                "UPDATE silences SET ends_at = ? WHERE id = ? AND ends_at > ?", (now, silence_id, now)
+            )
         return cur.rowcount > 0
 
 
 def _encode(n: Notification) -> dict[str, Any]:
-    return {"receiver": n.receiver, "group_key": n.group_key, "group_labels": n.group_labels,
-            "reason": n.reason.value, "firing": [a.to_json() for a in n.firing],
-            "resolved": [a.to_json() for a in n.resolved], "created_at": n.created_at}
+    return {
+        "receiver": n.receiver,
+        "group_key": n.group_key,
+        "group_labels": n.group_labels,
+        "reason": n.reason.value,
+        "firing": [a.to_json() for a in n.firing],
+        "resolved": [a.to_json() for a in n.resolved],
+        "created_at": n.created_at,
+    }
 
 
 def _decode(d: dict[str, Any]) -> Notification:
-    return Notification(d["receiver"], d["group_key"], d["group_labels"], Reason(d["reason"]),
-                        [Alert.from_json(a) for a in d["firing"]], [Alert.from_json(a) for a in d["resolved"]],
-                        d["created_at"])
-
-
-
+    return Notification(
+        d["receiver"],
+        d["group_key"],
+        d["group_labels"],
+        Reason(d["reason"]),
+        [Alert.from_json(a) for a in d["firing"]],
+        [Alert.from_json(a) for a in d["resolved"]],
+        d["created_at"],
+    )

@@ -44,8 +44,14 @@ class Decision:
     record: bool  # whether the log entry changes (all-resolved is recorded even when not sent)
 
 
-def needs_update(entry: LogEntry | None, firing: frozenset[str], resolved: frozenset[str],
-                 send_resolved: bool, repeat_interval: float, now: float) -> Decision:
+def needs_update(
+    entry: LogEntry | None,
+    firing: frozenset[str],
+    resolved: frozenset[str],
+    send_resolved: bool,
+    repeat_interval: float,
+    now: float,
+) -> Decision:
     """Alertmanager's dedup table: tell the receiver about a group, or not, and why."""
     if entry is None:
         if firing:
@@ -99,7 +105,8 @@ def inhibited(alert: Alert, firing: Iterable[Alert], rules: list[Inhibit]) -> bo
             if src.fingerprint == alert.fingerprint:
                 continue
             if all(src.labels.get(k) == v for k, v in rule.source.items()) and all(
-                    src.labels.get(k) == alert.labels.get(k) for k in rule.equal):
+                src.labels.get(k) == alert.labels.get(k) for k in rule.equal
+            ):
                 return True
     return False
 
@@ -151,10 +158,14 @@ class Dispatcher:
     come from one thread.
     """
 
-    def __init__(self, config: Alerting, clock: Callable[[], float],
-                 log: Callable[[str, str], LogEntry | None],
-                 silences: Callable[[], list[Silence]],
-                 send: Callable[[list[Decided]], None]) -> None:
+    def __init__(
+        self,
+        config: Alerting,
+        clock: Callable[[], float],
+        log: Callable[[str, str], LogEntry | None],
+        silences: Callable[[], list[Silence]],
+        send: Callable[[list[Decided]], None],
+    ) -> None:
         self.config = config
         self.clock = clock
         self._log = log
@@ -188,7 +199,8 @@ class Dispatcher:
                 group = self.groups.get((receiver, key))
                 if group is None:
                     group = self.groups[(receiver, key)] = Group(
-                        receiver, key, labels, now + self.config.group_wait)
+                        receiver, key, labels, now + self.config.group_wait
+                    )
                 group.alerts[alert.fingerprint] = alert
 
     def next_due(self) -> float | None:
@@ -205,23 +217,45 @@ class Dispatcher:
             if group.next_flush > now:
                 continue
             group.next_flush = now + self.config.group_interval
-            shown = [a for a in group.alerts.values()
-                     if not any(s.matches(a.labels) for s in silences)
-                     and not (a.state == "firing" and inhibited(a, firing_all, self.config.inhibit))]
+            shown = [
+                a
+                for a in group.alerts.values()
+                if not any(s.matches(a.labels) for s in silences)
+                and not (a.state == "firing" and inhibited(a, firing_all, self.config.inhibit))
+            ]
             firing = [a for a in shown if a.state == "firing"]
             resolved = [a for a in shown if a.state == "resolved"]
             entry = self._log(receiver, key)
             send_resolved = self.receivers[receiver].send_resolved
-            decision = needs_update(entry, frozenset(a.fingerprint for a in firing),
-                                    frozenset(a.fingerprint for a in resolved), send_resolved,
-                                    self.config.repeat_interval, now)
+            decision = needs_update(
+                entry,
+                frozenset(a.fingerprint for a in firing),
+                frozenset(a.fingerprint for a in resolved),
+                send_resolved,
+                self.config.repeat_interval,
+                now,
+            )
             self.last_decisions.append((receiver, key, decision))
             if decision.record:
-                new_entry = LogEntry(frozenset(a.fingerprint for a in firing),
-                                     frozenset(a.fingerprint for a in resolved), now,
-                                     entry.ref if entry else None)
-                note = Notification(receiver, key, group.labels, decision.reason, firing,
-                                    resolved if send_resolved else [], now) if decision.notify else None
+                new_entry = LogEntry(
+                    frozenset(a.fingerprint for a in firing),
+                    frozenset(a.fingerprint for a in resolved),
+                    now,
+                    entry.ref if entry else None,
+                )
+                note = (
+                    Notification(
+                        receiver,
+                        key,
+                        group.labels,
+                        decision.reason,
+                        firing,
+                        resolved if send_resolved else [],
+                        now,
+                    )
+                    if decision.notify
+                    else None
+                )
                 decided.append(Decided(receiver, key, new_entry, note))
             # Resolved alerts (silenced ones too) leave the group once judged; an empty group goes.
             for fp in [fp for fp, a in group.alerts.items() if a.state == "resolved"]:

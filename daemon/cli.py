@@ -7,6 +7,9 @@
     runwatch rules check [PATH ...] [--json]
     runwatch rules test FILE ... [--json]
     runwatch rules list [--json]
+    runwatch silence add --match run=X [--match ...] --for 2h [--comment TEXT]
+    runwatch silence list [--all] [--json] | runwatch silence expire ID
+    runwatch notifications [--json]
     runwatch demo
 """
 
@@ -31,6 +34,7 @@ EXIT_UNREACHABLE = 1
 EXIT_CONFIG = 2
 EXIT_STARTUP = 3
 EXIT_RULES = 4
+EXIT_USAGE = 5
 
 
 def _print_json(obj: Any) -> None:
@@ -276,6 +280,106 @@ def cmd_rules_list(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- silences and notifications -----------------------------------------------------------
+
+
+def _matchers(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        label, sep, value = item.partition("=")
+        if not sep or not label:
+            raise ValueError(f"--match {item!r}: write label=value (or label=~regex)")
+        out[label] = value
+    return out
+
+
+def _daemon_call(args: argparse.Namespace, op: str, **kw: Any) -> dict[str, Any] | None:
+    try:
+        reply = _query(args, op, **kw)
+    except DaemonUnreachable as exc:
+        Console(stderr=True).print(f"[red]runwatch daemon is not reachable[/red]: {exc}")
+        return None
+    if "error" in reply:
+        print(f"runwatch: {reply['error']}", file=sys.stderr)
+        return None
+    return reply
+
+
+def cmd_silence_add(args: argparse.Namespace) -> int:
+    from runwatch.daemon.rules.spec import parse_seconds
+
+    try:
+        matchers = _matchers(args.match)
+        seconds = parse_seconds(args.duration)
+    except ValueError as exc:
+        print(f"runwatch silence add: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    reply = _daemon_call(args, "silence_add", matchers=matchers, seconds=seconds, comment=args.comment)
+    if reply is None:
+        return EXIT_UNREACHABLE
+    if args.json:
+        _print_json(reply)
+    else:
+        print(f"silence {reply['id']}: {matchers} for {args.duration}")
+    return 0
+
+
+def cmd_silence_list(args: argparse.Namespace) -> int:
+    reply = _daemon_call(args, "silences")
+    if reply is None:
+        return EXIT_UNREACHABLE
+    silences = [x for x in reply["silences"] if args.all or x["active"]]
+    if args.json:
+        _print_json(silences)
+        return 0
+    if not silences:
+        print("no active silences" + ("" if args.all else " (--all shows expired ones)"))
+        return 0
+    table = Table(title="silences")
+    for col in ("id", "matchers", "until", "by", "comment", "active"):
+        table.add_column(col)
+    for x in silences:
+        table.add_row(str(x["id"]), ", ".join(f"{k}={v}" for k, v in x["matchers"].items()),
+                      time.strftime("%m-%d %H:%M", time.localtime(x["ends_at"])), x["created_by"],
+                      x["comment"], "yes" if x["active"] else "no")
+    Console().print(table)
+    return 0
+
+
+def cmd_silence_expire(args: argparse.Namespace) -> int:
+    reply = _daemon_call(args, "silence_expire", id=args.id)
+    if reply is None:
+        return EXIT_UNREACHABLE
+    if args.json:
+        _print_json(reply)
+    elif reply["expired"]:
+        print(f"silence {args.id} expired")
+    else:
+        print(f"silence {args.id}: no such active silence", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+def cmd_notifications(args: argparse.Namespace) -> int:
+    reply = _daemon_call(args, "notifications", limit=args.limit)
+    if reply is None:
+        return EXIT_UNREACHABLE
+    if args.json:
+        _print_json(reply)
+        return 0
+    counts = reply["counts"]
+    print("receivers: " + ", ".join(f"{k} ({v})" for k, v in reply["receivers"].items())
+          + "; outbox: " + (", ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "empty"))
+    table = Table(title="notifications, newest first")
+    for col in ("id", "receiver", "state", "attempts", "reason", "firing", "resolved", "last error"):
+        table.add_column(col)
+    for n in reply["outbox"]:
+        table.add_row(str(n["id"]), n["receiver"], n["state"], str(n["attempts"]), n["reason"],
+                      str(n["firing"]), str(n["resolved"]), n["last_error"] or "")
+    Console().print(table)
+    return 0
+
+
 # -- demo ------------------------------------------------------------------------------
 
 
@@ -335,6 +439,33 @@ def build_parser() -> argparse.ArgumentParser:
     _socket_arg(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_rules_list)
+
+    silence = sub.add_parser("silence", help="mute alerts for a while").add_subparsers(
+        dest="silence_command", required=True, metavar="SUBCOMMAND")
+    p = silence.add_parser("add", help="silence alerts whose labels match")
+    _socket_arg(p)
+    p.add_argument("--match", action="append", required=True, metavar="LABEL=VALUE",
+                   help="run=X, alertname=Y, severity=warning, rank=0, node=...; VALUE ~regex for a regex")
+    p.add_argument("--for", dest="duration", required=True, help="how long: 30m, 2h, 1d")
+    p.add_argument("--comment", default="", help="why (shown in silence list)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_silence_add)
+    p = silence.add_parser("list", help="active silences")
+    _socket_arg(p)
+    p.add_argument("--all", action="store_true", help="include expired ones")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_silence_list)
+    p = silence.add_parser("expire", help="end a silence now")
+    _socket_arg(p)
+    p.add_argument("id", type=int)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_silence_expire)
+
+    p = sub.add_parser("notifications", help="receivers and the outbox: what was sent, what waits")
+    _socket_arg(p)
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_notifications)
 
     p = sub.add_parser("demo", help="start a daemon, train a tiny model with the hook, show status")
     p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -159,3 +163,83 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# -- loopback HTTPS servers standing in for Slack, PagerDuty and webhooks ---------------------
+
+Reply = tuple[int, dict[str, str], bytes]
+
+
+@pytest.fixture(scope="session")
+def tls_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (the pagerduty client insists on https)."""
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-days", "2"], check=True, capture_output=True)
+    return cert, key
+
+
+class StubServer:
+    """A real HTTPS server on loopback. ``reply(path, body)`` decides each answer (default:
+    what Slack, PagerDuty and webhooks answer on success); every request is recorded."""
+
+    def __init__(self, cert: tuple[Path, Path], port: int = 0) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.reply: Callable[[str, dict[str, Any]], Reply] = self.success
+        self._lock = threading.Lock()
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                try:
+                    body = json.loads(raw or b"{}")
+                except ValueError:
+                    body = {"_raw": raw.decode(errors="replace")}
+                status, headers, out = stub.reply(self.path, body)
+                with stub._lock:
+                    stub.requests.append({"t": time.monotonic(), "path": self.path,
+                                          "headers": dict(self.headers), "body": body, "status": status})
+                self.send_response(status)
+                for k, v in {"Content-Type": "application/json", **headers}.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(cert[0]), str(cert[1]))
+        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.port = self.server.server_address[1]
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def success(path: str, body: dict[str, Any]) -> Reply:
+        if path.endswith("chat.postMessage"):
+            return 200, {}, json.dumps({"ok": True, "ts": f"{time.time():.6f}"}).encode()
+        if path.endswith("/v2/enqueue"):
+            reply = {"status": "success", "dedup_key": body.get("dedup_key", "k")}
+            return 202, {}, json.dumps(reply).encode()
+        return 200, {"Content-Type": "text/plain"}, b"ok"
+
+    def ok(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [r for r in self.requests if 200 <= r["status"] < 300]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -59,7 +59,8 @@ class Receiver(_Model):
     base_url: str | None = None
     ca_file: str | None = Field(default=None, description="CA bundle to trust for this receiver's HTTPS")
     messages_per_second: float = Field(default=1.0, gt=0, description="rate limit of this receiver")
-    max_attempts: int = Field(default=20, ge=1, description="deliveries tried before giving up")
+    max_attempts: int = Field(
+        default=300, ge=1, description="deliveries tried before giving up (300: a day of outage at 5 min)")
     dashboard_url: str | None = None
 
     @model_validator(mode="after")

@@ -96,19 +96,31 @@ class Silence:
         return True
 
 
-def inhibited(alert: Alert, firing: Iterable[Alert], rules: list[Inhibit]) -> bool:
-    """Whether a firing alert elsewhere mutes this one (never itself)."""
-    for rule in rules:
-        if not all(alert.labels.get(k) == v for k, v in rule.target.items()):
-            continue
-        for src in firing:
-            if src.fingerprint == alert.fingerprint:
+class Inhibitor:
+    """Which alerts a firing alert elsewhere mutes. Built once per flush from the firing
+    alerts, so each question is a set lookup, not a scan (storms have thousands of alerts)."""
+
+    def __init__(self, rules: list[Inhibit], firing: Iterable[Alert]) -> None:
+        self.rules = rules
+        # Per rule: the `equal` label values of firing sources -> their fingerprints.
+        self.sources: list[dict[tuple[str, ...], set[str]]] = []
+        alerts = list(firing)
+        for rule in rules:
+            index: dict[tuple[str, ...], set[str]] = {}
+            for src in alerts:
+                if all(src.labels.get(k) == v for k, v in rule.source.items()):
+                    key = tuple(src.labels.get(k, "") for k in rule.equal)
+                    index.setdefault(key, set()).add(src.fingerprint)
+            self.sources.append(index)
+
+    def __call__(self, alert: Alert) -> bool:
+        for rule, index in zip(self.rules, self.sources, strict=True):
+            if not index or not all(alert.labels.get(k) == v for k, v in rule.target.items()):
                 continue
-            if all(src.labels.get(k) == v for k, v in rule.source.items()) and all(
-                src.labels.get(k) == alert.labels.get(k) for k in rule.equal
-            ):
+            srcs = index.get(tuple(alert.labels.get(k, "") for k in rule.equal))
+            if srcs and (len(srcs) > 1 or alert.fingerprint not in srcs):
                 return True
-    return False
+        return False
 
 
 # -- groups -------------------------------------------------------------------------------------
@@ -210,7 +222,7 @@ class Dispatcher:
         """Flush every group whose time has come; returns the notifications sent to the outbox."""
         now = self.clock()
         silences = [s for s in self._silences() if s.active(now)]
-        firing_all = list(self.alerts.values())
+        inhibited = Inhibitor(self.config.inhibit, self.alerts.values())
         decided: list[Decided] = []
         self.last_decisions = []
         for (receiver, key), group in list(self.groups.items()):
@@ -221,7 +233,7 @@ class Dispatcher:
                 a
                 for a in group.alerts.values()
                 if not any(s.matches(a.labels) for s in silences)
-                and not (a.state == "firing" and inhibited(a, firing_all, self.config.inhibit))
+                and not (a.state == "firing" and inhibited(a))
             ]
             firing = [a for a in shown if a.state == "firing"]
             resolved = [a for a in shown if a.state == "resolved"]

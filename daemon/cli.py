@@ -117,6 +117,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     table.add_row("frames rejected",
                   ", ".join(f"{k}={v}" for k, v in rejected.items()) if rejected else "0")
     table.add_row("live runs", str(status["runs"]["live"]))
+    rules = status.get("rules") or {}
+    if rules.get("enabled"):
+        table.add_row("rules", f"{rules['loaded']} in force, {rules['firing']} firing"
+                      + (f", {rules['refused_files']} file(s) refused" if rules["refused_files"] else ""))
+    notify = status.get("notify")
+    if notify:
+        outbox = ", ".join(f"{v} {k}" for k, v in sorted(notify["outbox"].items())) or "empty"
+        table.add_row("receivers", ", ".join(f"{k} ({v})" for k, v in notify["receivers"].items()))
+        table.add_row("outbox", outbox)
     Console().print(table)
     return 0
 

@@ -358,6 +358,10 @@ class Daemon:
                 "refused_files": len(self.rules.errors) if self.rules else 0,
                 "firing": len(self.engine.active()) if self.engine else 0,
             },
+            "notify": {
+                "receivers": {name: r.config.type for name, r in self.notifier.receivers.items()},
+                "outbox": self.notifier.counts(),
+            } if self.notifier else None,
         }
 
     def runs(self, include_gone: bool = False) -> list[dict[str, Any]]:

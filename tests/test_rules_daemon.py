@@ -112,6 +112,7 @@ def test_a_firing_is_stored_listed_and_exported(rules_daemon: DaemonProcess) -> 
     )
     assert firing["value"] == 9.0 and firing["baseline"] == pytest.approx(1.01)
     assert firing["summary"] == "grad norm 9 is 8.9x its median of the last 32 steps"
+    assert firing["context"]["recent_values"] == "1, 1.01, 1.02, 1, 9"
     [event] = reply["recent"]
     assert event["rule_version"] == firing["version"] and event["window"] == "median of the last 32 steps"
     assert [d["action"] for d in event["decisions"]] == ["pause", "dump_batch"]

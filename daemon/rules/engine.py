@@ -36,6 +36,7 @@ _NAN = np.float64(np.nan)
 _TRUE_READY = np.True_
 ZSCORE_FLOOR = 0.01  # a spread below 1% of the center counts as 1%: tiny moves of flat series are not news
 ARRIVAL_HISTORY = 32
+RECENT_VALUES = 5
 MIN_ARRIVALS = 3
 FORGET_SECONDS = 3600.0  # a stream silent and disconnected this long loses its rule state
 
@@ -91,6 +92,8 @@ class LeafState:
         self.keys: list[str] = []
         self.cols: dict[str, int] = {}
         self.prev = np.empty(0)  # last value per column, for delta
+        self.tail = np.empty((RECENT_VALUES, 0))  # the last few values per column, for alerts
+        self.tail_before = np.empty((RECENT_VALUES, 0))  # ...as they were before the last batch
         self.prev_step = np.empty(0, dtype=np.int64)
         self.last_truth = False  # composite: truth carried when the metric is missing
         self._select: dict[int, tuple[np.ndarray, np.ndarray, list[str]]] = {}
@@ -115,6 +118,9 @@ class LeafState:
             if self.window is not None:
                 self.window.widen(n)
             if len(self.prev) < n:
+                self.tail = np.concatenate(
+                    [self.tail, np.full((RECENT_VALUES, n - len(self.prev)), np.nan)], axis=1
+                )
                 self.prev = np.concatenate([self.prev, np.full(n - len(self.prev), np.nan)])
                 self.prev_step = np.concatenate([self.prev_step, np.full(n - len(self.prev_step), -1)])
             cached = (
@@ -177,6 +183,8 @@ class LeafState:
                 truth &= np.isfinite(x)
         self.prev[state_cols] = x[-1]
         self.prev_step[state_cols] = steps[-1]
+        self.tail_before = self.tail[:, state_cols]
+        self.tail[:, state_cols] = np.concatenate([self.tail_before, x])[-RECENT_VALUES:]
         return truth, x, np.broadcast_to(center, x.shape)
 
 
@@ -295,6 +303,7 @@ class Engine:
                             leaf_old.cols,
                         )
                         leaf_new.prev, leaf_new.prev_step = leaf_old.prev, leaf_old.prev_step
+                        leaf_new.tail = leaf_old.tail
                 self._states[key] = fresh
         del old
         self.rules = list(rules)
@@ -434,18 +443,22 @@ class Engine:
         events = []
         for i, j in zip(*np.nonzero(changed), strict=True):
             shard = float(shards[i]) if shards is not None else track.shard
-            events.append(
-                self._event(
-                    st,
-                    "firing" if active[i, j] else "resolved",
-                    out_keys[j],
-                    int(steps[i]),
-                    float(times[i]),
-                    float(x[i, j]),
-                    float(center[i, j]),
-                    shard,
-                )
+            event = self._event(
+                st,
+                "firing" if active[i, j] else "resolved",
+                out_keys[j],
+                int(steps[i]),
+                float(times[i]),
+                float(x[i, j]),
+                float(center[i, j]),
+                shard,
             )
+            if event.state == "firing" and not st.composite:
+                # What the on-call person looks up first: the last few values up to this one.
+                before = st.leaves[0].tail_before[:, j]
+                recent = np.concatenate([before[~np.isnan(before)], x[: i + 1, j]])[-RECENT_VALUES:]
+                event.context["recent_values"] = ", ".join(f"{v:.4g}" for v in recent)
+            events.append(event)
         return events
 
     def tick(self, now: float, connected: Iterable[int]) -> list[Event]:
@@ -599,14 +612,20 @@ class Engine:
         lost = []
         for e in firing:
             lr, ref = by_name.get(e.rule), refs.get((e.run, e.rank))
-            if lr is None or ref is None or lr.version != e.version or (
-                isinstance(lr.rule.when, Condition) and lr.rule.when.kind == "absent"
+            if (
+                lr is None
+                or ref is None
+                or lr.version != e.version
+                or (isinstance(lr.rule.when, Condition) and lr.rule.when.kind == "absent")
             ):
                 lost.append(e)
                 continue
             st = next((s for s in self._rule_states(ref) if s.rule.name == e.rule), None)
-            col = 0 if st is not None and st.composite else (
-                st.leaves[0].cols.get(e.metric) if st is not None else None)
+            col = (
+                0
+                if st is not None and st.composite
+                else (st.leaves[0].cols.get(e.metric) if st is not None else None)
+            )
             if st is None or col is None:
                 lost.append(e)
                 continue

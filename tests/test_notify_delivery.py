@@ -321,3 +321,26 @@ def test_secrets_stay_out_of_repr_and_dumps() -> None:
         and SECRET not in str(cfg.model_dump())
         and SECRET not in cfg.model_dump_json()
     )
+
+
+def test_old_history_is_pruned_but_pending_messages_never_are(tmp_path: Path) -> None:
+    from runwatch.daemon.notify.model import Alert
+    from runwatch.daemon.notify.outbox import NotifyStore
+    from runwatch.daemon.notify.pipeline import Decided, LogEntry, Notification, Reason
+
+    db = tmp_path / "runwatch.db"
+    Store.open(db).close()
+    store = NotifyStore(db)
+    a = Alert.from_event(event(), "node", 100.0)
+    for run in ("sent", "waiting"):
+        note = Notification("hook", run, {"run": run}, Reason.FIRST_NOTIFICATION, [a], [], 100.0)
+        store.record(
+            [Decided("hook", run, LogEntry(frozenset({a.fingerprint}), frozenset(), 100.0), note)], 100.0
+        )
+    sent = store.next_pending("hook")
+    assert sent is not None
+    store.delivered(sent, 101.0, None)
+    assert store.prune(before=200.0) == 1
+    assert [r["group_key"] for r in store.outbox()] == ["waiting"]
+    assert store.log_entry("hook", "sent") is not None  # still firing: the log entry stays
+    store.close()

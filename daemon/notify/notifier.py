@@ -28,6 +28,8 @@ from runwatch.daemon.rules.engine import Event
 log = logging.getLogger("runwatch.notify")
 
 _STOP = object()
+KEEP_SECONDS = 7 * 86400.0  # sent messages, quiet log entries and ended silences are kept a week
+PRUNE_EVERY_SECONDS = 3600.0
 
 
 class Notifier:
@@ -115,7 +117,12 @@ class Notifier:
                 self._wake[d.receiver].set()
 
     def _dispatch(self) -> None:
+        next_prune = self.clock()
         while not self._stopping.is_set():
+            if self.clock() >= next_prune:
+                next_prune = self.clock() + PRUNE_EVERY_SECONDS
+                with self._lock:
+                    self.store.prune(self.clock() - KEEP_SECONDS)
             due = self.dispatcher.next_due()
             timeout = 1.0 if due is None else min(1.0, max(0.0, due - self.clock()))
             try:

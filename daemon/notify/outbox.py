@@ -151,6 +151,17 @@ class NotifyStore:
     def counts(self) -> dict[str, int]:
         return dict(self.conn.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall())
 
+    def prune(self, before: float) -> int:
+        """Forget delivered or abandoned messages, quiet log entries and silences that ended
+        before ``before``: the tables hold recent history, not all history."""
+        with self.conn:
+            n = self.conn.execute(
+                "DELETE FROM outbox WHERE state != 'pending' AND created < ?", (before,)).rowcount
+            self.conn.execute("DELETE FROM notify_log WHERE firing = '[]' AND at < ?", (before,))
+            self.conn.execute("DELETE FROM silences WHERE ends_at < ?", (before,))
+        self._log = {k: e for k, e in self._log.items() if e.firing or e.at >= before}
+        return n
+
     # -- silences -----------------------------------------------------------------------------
 
     def add_silence(self, matchers: dict[str, str], starts: float, ends: float, comment: str, by: str) -> int:

@@ -280,7 +280,8 @@ class Ingest:
             request = protocol.decode_json(payload)
             request["peer_uid"] = conn.peer.uid  # who asks, from SO_PEERCRED: never from the client
             try:
-                reply = self._query(request)
+                # Off the event loop: a query may wait on the store (or the notifier's lock).
+                reply = await asyncio.get_running_loop().run_in_executor(None, self._query, request)
             except Exception as exc:  # a bad query must not take the connection down
                 log.exception("query %r failed", request.get("op"))
                 reply = {"error": f"query failed: {exc}"}

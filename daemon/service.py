@@ -12,8 +12,10 @@ import contextlib
 import logging
 import math
 import os
+import re
 import signal
 import socket
+import ssl
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -113,7 +115,7 @@ class Daemon:
         if self.engine is not None:
             try:
                 self.notifier = Notifier(s.alerting, s.store_path, self.metrics)
-            except ValueError as exc:  # a receiver's secret is missing from the environment
+            except (ValueError, OSError, ssl.SSLError) as exc:  # a missing secret, an unreadable CA file
                 store.close()
                 raise StartupError(f"alerting: {exc}") from None
         ingest: Ingest | None = None
@@ -275,6 +277,12 @@ class Daemon:
             if not isinstance(matchers, dict) or not matchers or not all(
                     isinstance(k, str) and isinstance(v, str) for k, v in matchers.items()):
                 return {"error": "matchers: give at least one label=value"}
+            for label, value in matchers.items():
+                if value.startswith("~"):
+                    try:
+                        re.compile(value[1:])
+                    except re.error as exc:
+                        return {"error": f"--match {label}={value}: not a regex: {exc}"}
             if not isinstance(seconds, int | float) or not 0 < seconds <= 366 * 86400:
                 return {"error": "seconds: a duration between 1 second and a year"}
             who = f"uid {request.get('peer_uid')}"

@@ -344,3 +344,38 @@ def test_old_history_is_pruned_but_pending_messages_never_are(tmp_path: Path) ->
     assert [r["group_key"] for r in store.outbox()] == ["waiting"]
     assert store.log_entry("hook", "sent") is not None  # still firing: the log entry stays
     store.close()
+
+
+def test_pagerduty_rate_limit_is_retried_after_retry_after(
+    stub: StubServer, tls_cert: tuple[Path, Path], make_notifier: Callable[..., Notifier]
+) -> None:
+    answers: list[Reply] = [(429, {"Retry-After": "1"}, b'{"status": "throttled"}')]
+    stub.reply = lambda path, body: answers.pop(0) if answers else StubServer.success(path, body)
+    n = make_notifier(
+        {"pd": {"type": "pagerduty", "routing_key": "k", "base_url": stub.url, "ca_file": str(tls_cert[0])}}
+    )
+    n.start()
+    n.submit([event()])
+    wait_for(lambda: stub.ok(), what="the retried trigger")
+    assert [r["status"] for r in stub.requests] == [429, 202]  # one attempt each, no hidden retries
+    assert stub.requests[1]["t"] - stub.requests[0]["t"] >= 0.95
+
+
+def test_an_alert_that_resolved_while_no_daemon_listened_is_resolved_at_start(
+    stub: StubServer, tls_cert: tuple[Path, Path], make_notifier: Callable[..., Notifier]
+) -> None:
+    receivers = {"hook": {"type": "webhook", "url": f"{stub.url}/h", "ca_file": str(tls_cert[0])}}
+    first = make_notifier(receivers)
+    first.start()
+    first.submit([event()])
+    wait_for(lambda: stub.ok(), what="the firing")
+    first.stop()
+    # The next daemon does not see the alert firing any more (it resolved meanwhile).
+    second = make_notifier(receivers)
+    second.start(firing=[])
+    wait_for(lambda: len(stub.ok()) == 2, what="the resolution")
+    resolved = stub.ok()[1]["body"]
+    assert resolved["status"] == "resolved" and resolved["alerts"][0]["state"] == "resolved"
+    assert resolved["alerts"][0]["summary"].startswith("resolved while the daemon was down")
+    time.sleep(1.0)
+    assert len(stub.ok()) == 2

@@ -28,7 +28,7 @@ NONE: frozenset[str] = frozenset()
         (LogEntry(F1, NONE, 0), NONE, F1, False, 10, False, Reason.ALL_RESOLVED),  # recorded, not sent
         (LogEntry(NONE, F1, 0), NONE, F1, True, 10, False, Reason.NOTHING_TO_TELL),
         (LogEntry(F2, NONE, 0), F1, frozenset({"b"}), True, 10, True, Reason.NEWLY_RESOLVED),
-        (LogEntry(F2, NONE, 0), F1, frozenset({"b"}), False, 10, False, Reason.NO_CHANGE),
+        (LogEntry(F2, NONE, 0), F1, frozenset({"b"}), False, 10, False, Reason.NEWLY_RESOLVED),  # recorded
         (LogEntry(F1, NONE, 0), F1, NONE, True, 4 * 3600, True, Reason.REPEAT_INTERVAL),
         (LogEntry(F1, NONE, 0), F1, NONE, True, 4 * 3600 - 1, False, Reason.NO_CHANGE),
     ],
@@ -204,3 +204,30 @@ def test_an_alert_taken_over_after_a_restart_is_not_announced_again() -> None:
     assert restarted.at(30) == []
     restarted.d.receive([replace(alert(), state="resolved")])
     assert restarted.at(330) == [("slack", "ALL_RESOLVED", 0, 1)]
+
+
+def test_a_group_whose_alerts_are_all_muted_is_left_alone_and_its_resolution_still_told() -> None:
+    h = Harness()
+    h.d.receive([alert()])
+    assert h.at(30) == [("slack", "FIRST_NOTIFICATION", 1, 0)]
+    h.silences = [Silence(1, {"run": "r"}, 1000.0, 1e12, "", "uid 0")]
+    h.d.receive([alert(rank=1)])
+    assert h.at(330) == []  # the new alert is muted; muting resolves nothing
+    h.d.receive([alert(state="resolved")])
+    assert h.at(630) == [("slack", "ALL_RESOLVED", 0, 1)]  # told of the firing, so told of the end
+
+
+def test_a_failing_outbox_keeps_the_group_for_the_next_flush() -> None:
+    h = Harness()
+    calls = []
+
+    def broken(decided: list[Decided]) -> None:
+        calls.append(len(decided))
+        raise OSError("disk full")
+
+    h.d._send = broken
+    h.d.receive([alert()])
+    with pytest.raises(OSError):
+        h.at(30)
+    h.d._send = h._send
+    assert h.at(31) == [("slack", "FIRST_NOTIFICATION", 1, 0)] and calls == [1]

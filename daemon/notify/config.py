@@ -60,8 +60,24 @@ class Receiver(_Model):
     ca_file: str | None = Field(default=None, description="CA bundle to trust for this receiver's HTTPS")
     messages_per_second: float = Field(default=1.0, gt=0, description="rate limit of this receiver")
     max_attempts: int = Field(
-        default=300, ge=1, description="deliveries tried before giving up (300: a day of outage at 5 min)")
+        default=300,
+        ge=1,
+        le=100_000,
+        description="deliveries tried before giving up (300: a day of outage at 5 min)",
+    )
     dashboard_url: str | None = None
+
+    @model_validator(mode="after")
+    def _urls(self) -> Receiver:
+        url = self.url.get_secret_value() if self.url is not None else None
+        for what, value in (("url", url), ("base_url", self.base_url)):
+            if value is not None and not value.startswith(("https://", "http://")):
+                raise ValueError(f"{what}: must start with https:// (or http://)")
+        if self.type == "pagerduty" and self.base_url and not self.base_url.startswith("https://"):
+            raise ValueError("base_url: PagerDuty's client only speaks https://")
+        if self.ca_file is not None and not os.path.isfile(self.ca_file):
+            raise ValueError(f"ca_file: {self.ca_file} is not a file")
+        return self
 
     @model_validator(mode="after")
     def _needs(self) -> Receiver:

@@ -15,6 +15,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,17 +31,20 @@ log = logging.getLogger("runwatch.notify")
 _STOP = object()
 KEEP_SECONDS = 7 * 86400.0  # sent messages, quiet log entries and ended silences are kept a week
 PRUNE_EVERY_SECONDS = 3600.0
+RETRY_AFTER_MAX = 3600.0
 
 
 class Notifier:
-    def __init__(self, config: Alerting, store_path: Path, metrics: Any,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, config: Alerting, store_path: Path, metrics: Any, clock: Callable[[], float] = time.time
+    ) -> None:
         self.config = config
         self.clock = clock
         self.metrics = metrics
         self.node = config.node or socket.gethostname()
         self.receivers: dict[str, Receiver] = {
-            name: build(name, cfg) for name, cfg in config.effective_receivers().items()}
+            name: build(name, cfg) for name, cfg in config.effective_receivers().items()
+        }
         self.store = NotifyStore(store_path)
         self._lock = threading.Lock()  # one SQLite connection, several threads
         self.dispatcher = Dispatcher(config, clock, self._log_entry, self._silences, self._record)
@@ -49,7 +53,8 @@ class Notifier:
         self._stopping = threading.Event()
         self._threads = [threading.Thread(target=self._dispatch, name="runwatch-notify", daemon=True)] + [
             threading.Thread(target=self._deliver, args=(name,), name=f"runwatch-deliver-{name}", daemon=True)
-            for name in self.receivers]
+            for name in self.receivers
+        ]
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -57,7 +62,29 @@ class Notifier:
         """Start; ``firing`` are the alerts already firing (taken over after a restart), so their
         groups are known and, being in the notification log, not announced again."""
         now = self.clock()
-        self.dispatcher.receive([Alert.from_event(e, self.node, now) for e in firing])
+        seeded = [Alert.from_event(e, self.node, now) for e in firing]
+        self.dispatcher.receive(seeded)
+        # Alerts a receiver was told are firing but that no longer fire resolved while no
+        # daemon was listening: tell the receivers now (an open incident must not stay open).
+        alive = {a.fingerprint for a in seeded}
+        gone: dict[str, Alert] = {}
+        with self._lock:
+            announced = self.store.firing_announced()
+        for alerts in announced.values():
+            for fp, data in alerts.items():
+                if fp not in alive and fp not in gone:
+                    a = Alert.from_json(data)
+                    gone[fp] = replace(
+                        a,
+                        state="resolved",
+                        ends_at=now,
+                        summary=f"resolved while the daemon was down: {a.summary}",
+                    )
+        if gone:
+            log.info(
+                "%d announced alert(s) resolved while the daemon was down; telling the receivers", len(gone)
+            )
+            self.dispatcher.receive(gone.values())
         for t in self._threads:
             t.start()
 
@@ -118,51 +145,72 @@ class Notifier:
 
     def _dispatch(self) -> None:
         next_prune = self.clock()
-        while not self._stopping.is_set():
-            if self.clock() >= next_prune:
-                next_prune = self.clock() + PRUNE_EVERY_SECONDS
-                with self._lock:
-                    self.store.prune(self.clock() - KEEP_SECONDS)
-            due = self.dispatcher.next_due()
-            timeout = 1.0 if due is None else min(1.0, max(0.0, due - self.clock()))
+        while True:
             try:
-                item = self._inbox.get(timeout=timeout)
-            except queue.Empty:
-                item = None
-            if item is _STOP:
-                return
-            try:
+                if self.clock() >= next_prune:
+                    next_prune = self.clock() + PRUNE_EVERY_SECONDS
+                    with self._lock:
+                        self.store.prune(self.clock() - KEEP_SECONDS)
+                due = self.dispatcher.next_due()
+                timeout = 1.0 if due is None else min(1.0, max(0.0, due - self.clock()))
+                try:
+                    item = self._inbox.get(timeout=timeout)
+                except queue.Empty:
+                    item = None
+                if item is _STOP:
+                    self._drain()
+                    return
                 if item is not None:
                     self.dispatcher.receive(item)
                 self.dispatcher.flush_due()
             except Exception:
-                log.exception("notification dispatch failed; alerts are stored, retrying next second")
+                log.exception("notification dispatch failed; alerts are stored, retrying in a second")
+                time.sleep(1.0)
+
+    def _drain(self) -> None:
+        """At shutdown: take what is queued and decide every group now, so the outbox holds
+        it (delivered by the next daemon if not by this one)."""
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                self.dispatcher.receive(item)
+        self.dispatcher.flush_due(everything=True)
 
     # -- one delivery thread per receiver ---------------------------------------------------------
 
     def _deliver(self, name: str) -> None:
         receiver = self.receivers[name]
-        cfg = receiver.config
-        spacing = 1.0 / cfg.messages_per_second
+        spacing = 1.0 / receiver.config.messages_per_second
         last_send = -float("inf")
         while not self._stopping.is_set():
-            with self._lock:
-                pending = self.store.next_pending(name)
-            now = self.clock()
-            wait = None if pending is None else max(pending.next_attempt, last_send + spacing) - now
-            if pending is None or wait > 0:
-                self._wake[name].wait(timeout=1.0 if pending is None else min(wait, 1.0))
-                self._wake[name].clear()
-                continue
-            with self._lock:
-                ref = self.store.ref(name, pending.notification.group_key)
             try:
-                outcome = receiver.send(pending.notification, ref)
-            except Exception as exc:  # a receiver bug must not end delivery
-                log.exception("receiver %s failed", name)
-                outcome = Delivery(False, True, None, f"{type(exc).__name__}")
-            last_send = self.clock()
-            self._settle(name, pending, outcome, cfg.max_attempts)
+                last_send = self._deliver_one(name, receiver, spacing, last_send)
+            except Exception:
+                log.exception("delivery to %s failed unexpectedly; retrying in a second", name)
+                self._wake[name].wait(timeout=1.0)
+
+    def _deliver_one(self, name: str, receiver: Receiver, spacing: float, last_send: float) -> float:
+        """One step of a receiver's delivery loop; returns when it last sent."""
+        with self._lock:
+            pending = self.store.next_pending(name)
+        now = self.clock()
+        wait = 0.0 if pending is None else max(pending.next_attempt, last_send + spacing) - now
+        if pending is None or wait > 0:
+            self._wake[name].wait(timeout=1.0 if pending is None else min(wait, 1.0))
+            self._wake[name].clear()
+            return last_send
+        with self._lock:
+            ref = self.store.ref(name, pending.notification.group_key)
+        try:
+            outcome = receiver.send(pending.notification, ref)
+        except Exception as exc:  # a receiver bug must not end delivery; its text may hold a secret
+            log.error("receiver %s raised %s", name, type(exc).__name__)
+            outcome = Delivery(False, True, None, type(exc).__name__)
+        self._settle(name, pending, outcome, receiver.config.max_attempts)
+        return self.clock()
 
     def _settle(self, name: str, p: Pending, outcome: Any, max_attempts: int) -> None:
         now = self.clock()
@@ -171,8 +219,12 @@ class Notifier:
                 self.store.delivered(p, now, outcome.ref)
                 result = "sent"
             elif outcome.retry and p.attempts + 1 < max_attempts:
-                backoff = min(self.config.retry_max_seconds, 2.0 ** p.attempts)
-                delay = outcome.retry_after if outcome.retry_after is not None else backoff
+                cap = self.config.retry_max_seconds
+                backoff = min(cap, 2.0 ** min(p.attempts, 30))
+                # Retry-After is honoured, up to an hour (a bogus value must not park the queue).
+                delay = (
+                    min(RETRY_AFTER_MAX, outcome.retry_after) if outcome.retry_after is not None else backoff
+                )
                 self.store.retry_later(p, now + delay, outcome.error)
                 result = "retry"
             else:
@@ -184,5 +236,6 @@ class Notifier:
         elif result == "retry":
             log.warning("notifying %s failed (%s); will retry", name, outcome.error)
         else:
-            log.error("notifying %s failed for good after %d attempts: %s", name, p.attempts + 1,
-                      outcome.error)
+            log.error(
+                "notifying %s failed for good after %d attempts: %s", name, p.attempts + 1, outcome.error
+            )

@@ -73,7 +73,9 @@ class NotifyStore:
                         (d.receiver, d.group_key, now, json.dumps(_encode(d.notification)), now),
                     )
         for d in decided:
-            self._log[(d.receiver, d.group_key)] = d.entry
+            known = self._log.get((d.receiver, d.group_key))
+            ref = known.ref if known is not None and known.ref else d.entry.ref  # delivered() may have set it
+            self._log[(d.receiver, d.group_key)] = LogEntry(d.entry.firing, d.entry.resolved, d.entry.at, ref)
 
     def next_pending(self, receiver: str) -> Pending | None:
         """The oldest undelivered notification of a receiver (delivery is in order)."""
@@ -116,6 +118,24 @@ class NotifyStore:
                 (error, p.id),
             )
 
+    def firing_announced(self) -> dict[tuple[str, str], dict[str, dict[str, Any]]]:
+        """Alerts each (receiver, group) was last told are firing, as the outbox sent them:
+        what a restarted daemon must resolve if they no longer fire."""
+        out: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+        for (receiver, key), entry in self._log.items():
+            if not entry.firing:
+                continue
+            found: dict[str, dict[str, Any]] = {}
+            for (payload,) in self.conn.execute(
+                "SELECT payload FROM outbox WHERE receiver = ? AND group_key = ? ORDER BY id DESC LIMIT 20",
+                (receiver, key),
+            ):
+                for a in json.loads(payload)["firing"]:
+                    if a["fingerprint"] in entry.firing:
+                        found.setdefault(a["fingerprint"], a)
+            out[(receiver, key)] = found
+        return out
+
     def ref(self, receiver: str, key: str) -> str | None:
         entry = self._log.get((receiver, key))
         return entry.ref if entry else None
@@ -156,7 +176,8 @@ class NotifyStore:
         before ``before``: the tables hold recent history, not all history."""
         with self.conn:
             n = self.conn.execute(
-                "DELETE FROM outbox WHERE state != 'pending' AND created < ?", (before,)).rowcount
+                "DELETE FROM outbox WHERE state != 'pending' AND created < ?", (before,)
+            ).rowcount
             self.conn.execute("DELETE FROM notify_log WHERE firing = '[]' AND at < ?", (before,))
             self.conn.execute("DELETE FROM silences WHERE ends_at < ?", (before,))
         self._log = {k: e for k, e in self._log.items() if e.firing or e.at >= before}

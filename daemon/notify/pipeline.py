@@ -63,8 +63,10 @@ def needs_update(
         if entry.firing:
             return Decision(send_resolved, Reason.ALL_RESOLVED, True)
         return Decision(False, Reason.NOTHING_TO_TELL, False)
-    if send_resolved and not resolved <= entry.resolved:
-        return Decision(True, Reason.NEWLY_RESOLVED, True)
+    if firing != entry.firing:
+        # Some of what the receiver was told about resolved: tell it if it wants resolutions,
+        # and record the smaller set either way (so a re-firing counts as new).
+        return Decision(send_resolved, Reason.NEWLY_RESOLVED, True)
     if now - entry.at >= repeat_interval:
         return Decision(True, Reason.REPEAT_INTERVAL, True)
     return Decision(False, Reason.NO_CHANGE, False)
@@ -218,23 +220,31 @@ class Dispatcher:
     def next_due(self) -> float | None:
         return min((g.next_flush for g in self.groups.values()), default=None)
 
-    def flush_due(self) -> list[Notification]:
-        """Flush every group whose time has come; returns the notifications sent to the outbox."""
+    def flush_due(self, everything: bool = False) -> list[Notification]:
+        """Flush every group whose time has come (``everything``: all groups, at shutdown);
+        returns the notifications sent to the outbox."""
         now = self.clock()
+        if everything:
+            for group in self.groups.values():
+                group.next_flush = now
         silences = [s for s in self._silences() if s.active(now)]
         inhibited = Inhibitor(self.config.inhibit, self.alerts.values())
         decided: list[Decided] = []
         self.last_decisions = []
+        flushed: list[tuple[tuple[str, str], Group]] = []
         for (receiver, key), group in list(self.groups.items()):
             if group.next_flush > now:
                 continue
-            group.next_flush = now + self.config.group_interval
+            flushed.append(((receiver, key), group))
+            # Silences and inhibitions mute firing alerts only: a receiver told of a firing
+            # always hears of its resolution.
             shown = [
                 a
                 for a in group.alerts.values()
-                if not any(s.matches(a.labels) for s in silences)
-                and not (a.state == "firing" and inhibited(a))
+                if a.state == "resolved" or not (any(s.matches(a.labels) for s in silences) or inhibited(a))
             ]
+            if not shown:
+                continue  # everything muted: the receiver hears nothing, and its log stays as it was
             firing = [a for a in shown if a.state == "firing"]
             resolved = [a for a in shown if a.state == "resolved"]
             entry = self._log(receiver, key)
@@ -269,11 +279,13 @@ class Dispatcher:
                     else None
                 )
                 decided.append(Decided(receiver, key, new_entry, note))
-            # Resolved alerts (silenced ones too) leave the group once judged; an empty group goes.
+        if decided:
+            self._send(decided)  # if this raises, the groups stay as they were and flush again
+        for gkey, group in flushed:
+            group.next_flush = now + self.config.group_interval
+            # Resolved alerts (muted ones too) leave the group once judged; an empty group goes.
             for fp in [fp for fp, a in group.alerts.items() if a.state == "resolved"]:
                 group.alerts.pop(fp, None)
             if not group.alerts:
-                del self.groups[(receiver, key)]
-        if decided:
-            self._send(decided)
+                del self.groups[gkey]
         return [d.notification for d in decided if d.notification is not None]

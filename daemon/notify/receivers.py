@@ -27,10 +27,13 @@ from runwatch.daemon.notify.model import Alert
 from runwatch.daemon.notify.pipeline import Notification
 
 log = logging.getLogger("runwatch.notify")
+# slack_sdk logs request URLs at DEBUG; a webhook URL is a secret.
+logging.getLogger("slack_sdk").setLevel(logging.INFO)
 
 TIMEOUT_SECONDS = 10
 PD_SUMMARY_MAX = 1024
 PD_DEDUP_MAX = 255
+PD_ALERTS_MAX = 20  # alerts listed in custom_details (an event must stay under 512 KB)
 PD_SEVERITY = {"critical": "critical", "warning": "warning", "info": "info"}
 
 
@@ -68,6 +71,8 @@ def _seconds(value: str | None) -> float | None:
 def title(n: Notification) -> str:
     """One line saying what happened: the top-level text every message carries."""
     alerts = n.firing or n.resolved
+    if not alerts:
+        return f"[RESOLVED] {n.receiver}: {n.group_labels}"
     first = alerts[0]
     state = "FIRING" if n.firing else "RESOLVED"
     more = f" (+{len(alerts) - 1} more)" if len(alerts) > 1 else ""
@@ -124,8 +129,13 @@ class SlackReceiver(Receiver):
     def __init__(self, name: str, config: ReceiverConfig) -> None:
         self.name, self.config = name, config
         kw: dict[str, Any] = {"base_url": config.base_url} if config.base_url else {}
-        self.client = WebClient(token=config.secret("token"), timeout=TIMEOUT_SECONDS, retry_handlers=[],
-                                ssl=config.ssl_context(), **kw)
+        self.client = WebClient(
+            token=config.secret("token"),
+            timeout=TIMEOUT_SECONDS,
+            retry_handlers=[],
+            ssl=config.ssl_context(),
+            **kw,
+        )
 
     def send(self, n: Notification, ref: str | None) -> Delivery:
         kw: dict[str, Any] = {"thread_ts": ref} if ref and not n.firing else {}
@@ -143,7 +153,7 @@ class SlackReceiver(Receiver):
                 r.headers.get("Retry-After") or r.headers.get("retry-after"),
                 f"slack {r.get('error', 'error')}",
             )
-        except OSError as exc:
+        except Exception as exc:  # network trouble (the Web API URL holds no secret; the token is a header)
             return Delivery(False, True, None, f"slack: {type(exc).__name__}: {exc}"[:300])
         return Delivery(True, ref=resp.get("ts"))
 
@@ -153,13 +163,14 @@ class SlackWebhookReceiver(Receiver):
 
     def __init__(self, name: str, config: ReceiverConfig) -> None:
         self.name, self.config = name, config
-        self.client = WebhookClient(config.secret("url"), timeout=TIMEOUT_SECONDS, retry_handlers=[],
-                                    ssl=config.ssl_context())
+        self.client = WebhookClient(
+            config.secret("url"), timeout=TIMEOUT_SECONDS, retry_handlers=[], ssl=config.ssl_context()
+        )
 
     def send(self, n: Notification, ref: str | None) -> Delivery:
         try:
             resp = self.client.send(text=title(n), blocks=slack_blocks(n, self.config.dashboard_url))
-        except OSError as exc:
+        except Exception as exc:  # the URL is the secret: report the type only
             return Delivery(False, True, None, f"slack webhook: {type(exc).__name__}")
         if resp.status_code == 200 and resp.body.strip() == "ok":
             return OK
@@ -182,12 +193,16 @@ class PagerDutyReceiver(Receiver):
 
     def __init__(self, name: str, config: ReceiverConfig) -> None:
         self.name, self.config = name, config
-        client = pagerduty.EventsApiV2Client(config.secret("routing_key"), base_url=config.base_url,
-                                             verify=config.ssl_context())
+        client = pagerduty.EventsApiV2Client(
+            config.secret("routing_key"), base_url=config.base_url, verify=config.ssl_context()
+        )
         # One attempt per send: the notifier retries from its durable outbox, with its own limits.
-        client.retry = {}
-        client.max_http_attempts = 1
+        # (The package retries 429 forever unless a status has a retry budget; with a budget
+        # and max_http_attempts -1 it hands every error status straight back, unslept.)
+        client.retry = {status: 1 for status in (429, 500, 502, 503, 504)}
+        client.max_http_attempts = -1
         client.max_network_attempts = 1
+        client.sleep_timer = 0.0
         client.timeout = TIMEOUT_SECONDS
         self.client = client
 
@@ -206,7 +221,8 @@ class PagerDutyReceiver(Receiver):
                         "component": first.labels.get("run"),
                         "group": first.labels.get("alertname"),
                         "custom_details": {
-                            "alerts": [a.to_json() for a in n.firing],
+                            "alerts": [a.to_json() for a in n.firing[:PD_ALERTS_MAX]],
+                            "alerts_total": len(n.firing),
                             "reason": n.reason.value,
                         },
                     },
@@ -221,9 +237,7 @@ class PagerDutyReceiver(Receiver):
         except pagerduty.HttpError as exc:
             resp = exc.response
             return _http_outcome(resp.status_code, resp.headers.get("Retry-After"), "pagerduty")
-        except pagerduty.Error as exc:
-            return Delivery(False, True, None, f"pagerduty: {type(exc).__name__}")
-        except OSError as exc:
+        except Exception as exc:  # network trouble; the text may hold the key, so only its type
             return Delivery(False, True, None, f"pagerduty: {type(exc).__name__}")
         return Delivery(True, ref=key)
 
@@ -247,13 +261,13 @@ class WebhookReceiver(Receiver):
                 "alerts": [a.to_json() for a in n.firing + n.resolved],
             }
         ).encode()
-        req = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
         try:
+            req = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
             with urllib.request.urlopen(req, timeout=TIMEOUT_SECONDS, context=self.ssl) as resp:
                 return _http_outcome(resp.status, None, "webhook")
         except urllib.error.HTTPError as exc:
             return _http_outcome(exc.code, exc.headers.get("Retry-After"), "webhook")
-        except OSError as exc:
+        except Exception as exc:  # the URL may carry a token: report the type only
             return Delivery(False, True, None, f"webhook: {type(exc).__name__}")
 
 

@@ -121,6 +121,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     if rules.get("enabled"):
         table.add_row("rules", f"{rules['loaded']} in force, {rules['firing']} firing"
                       + (f", {rules['refused_files']} file(s) refused" if rules["refused_files"] else ""))
+    node = status.get("node")
+    if node is not None:
+        if node["gpus"]:
+            for g in node["gpus"]:
+                util = g.get("gpu_utilization")
+                mem = g.get("gpu_memory_used_bytes")
+                table.add_row(f"GPU {g['index']}", f"{g['name']}: {util if util is not None else '?'}% busy,"
+                              f" {(mem or 0) / 2**30:.1f} GiB used, {len(g['processes'])} process(es)")
+        else:
+            table.add_row("GPUs", f"no GPU visible: {node['no_gpu_reason']}")
     notify = status.get("notify")
     if notify:
         outbox = ", ".join(f"{v} {k}" for k, v in sorted(notify["outbox"].items())) or "empty"

@@ -59,6 +59,9 @@ class Settings(BaseSettings):
         description="Rule files or folders of *.yaml; saving one reloads it.",
     )
     rules_enabled: bool = True
+    sample_interval_seconds: float = Field(
+        default=5.0, ge=0, le=3600, description="GPU and host sampling period; 0 switches the sampler off."
+    )
     alerting: Alerting = Field(default_factory=Alerting, description="receivers, routes, grouping")
 
     @field_validator("socket_mode", mode="before")

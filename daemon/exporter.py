@@ -12,6 +12,7 @@ Each daemon has its own :class:`CollectorRegistry`; nothing registers globally.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Iterator
 from wsgiref.simple_server import WSGIServer
@@ -24,6 +25,7 @@ from prometheus_client.registry import Collector
 from runwatch.daemon import __version__
 from runwatch.daemon.live import LiveView
 from runwatch.daemon.rules.engine import Engine
+from runwatch.daemon.sampler import Sampler
 
 log = logging.getLogger("runwatch.exporter")
 
@@ -57,6 +59,7 @@ TRAIN_HELP = {
     "activation_norm": "L2 norm of a watched layer's output.",
 }
 
+NODE_RUN_PREFIX = "node:"
 RESERVED = {"step", "last_sample_timestamp_seconds", "steps_per_second", "hook_connections"}
 _INVALID = re.compile(r"[^a-zA-Z0-9_]")
 
@@ -65,9 +68,7 @@ class DaemonMetrics:
     """The daemon's own counters, in the daemon's registry."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.points = Counter(
-            "runwatch_ingest_points", "Points committed to the store.", registry=registry
-        )
+        self.points = Counter("runwatch_ingest_points", "Points committed to the store.", registry=registry)
         self.frames = Counter(
             "runwatch_ingest_frames", "Sample frames committed and acknowledged.", registry=registry
         )
@@ -182,6 +183,8 @@ class TrainCollector(Collector):
         )
         families: dict[str, GaugeMetricFamily] = {}
         for s in streams:
+            if s.info.run.startswith(NODE_RUN_PREFIX):
+                continue  # the node sampler's stream: NodeCollector exports it
             base_labels = [s.info.run, str(s.info.rank)]
             conns.add_metric(base_labels, s.connections)
             if s.last_step < 0:
@@ -223,11 +226,14 @@ class AlertCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         labels = ["rule", "severity", "run", "rank", "metric"]
         firing = GaugeMetricFamily(
-            "runwatch_alerts_firing", "1 for each rule series firing now.", labels=labels)
+            "runwatch_alerts_firing", "1 for each rule series firing now.", labels=labels
+        )
         value = GaugeMetricFamily(
-            "runwatch_alert_value", "The value that made a firing series fire.", labels=labels)
+            "runwatch_alert_value", "The value that made a firing series fire.", labels=labels
+        )
         baseline = GaugeMetricFamily(
-            "runwatch_alert_baseline", "The baseline a firing series was judged against.", labels=labels)
+            "runwatch_alert_baseline", "The baseline a firing series was judged against.", labels=labels
+        )
         for e in self.engine.active():
             key = [e.rule, e.severity, e.run, str(e.rank), e.metric]
             firing.add_metric(key, 1)
@@ -236,6 +242,86 @@ class AlertCollector(Collector):
         yield firing
         yield value
         yield baseline
+
+
+#: Stored GPU key -> (exported name, HELP, scale to the exported unit).
+GPU_EXPORT = {
+    "gpu_utilization": (
+        "runwatch_gpu_utilization_ratio",
+        "Fraction of time a kernel ran (NVML; 1 while hung in NCCL too).",
+        0.01,
+    ),
+    "gpu_sm_active": (
+        "runwatch_gpu_sm_active_ratio",
+        "Fraction of SM cycles active (NVML GPM, Hopper and newer).",
+        1.0,
+    ),
+    "gpu_memory_used_bytes": ("runwatch_gpu_memory_used_bytes", "GPU memory in use.", 1.0),
+    "gpu_memory_total_bytes": ("runwatch_gpu_memory_total_bytes", "GPU memory in total.", 1.0),
+    "gpu_power_watts": ("runwatch_gpu_power_watts", "Board power draw.", 1.0),
+    "gpu_energy_joules": ("runwatch_gpu_energy_joules", "Energy used since the driver loaded.", 1.0),
+    "gpu_temperature_celsius": ("runwatch_gpu_temperature_celsius", "GPU core temperature.", 1.0),
+    "gpu_sm_clock_hertz": ("runwatch_gpu_sm_clock_hertz", "SM clock.", 1.0),
+    "gpu_throttle_reasons": (
+        "runwatch_gpu_clock_event_reasons",
+        "NVML clock event (throttle) reason bitmask.",
+        1.0,
+    ),
+    "gpu_ecc_errors": (
+        "runwatch_gpu_ecc_uncorrected_errors",
+        "Uncorrected ECC errors since the driver loaded.",
+        1.0,
+    ),
+}
+
+
+class NodeCollector(Collector):
+    """The node sampler's last readings: ``runwatch_gpu_*{gpu,uuid,model}``, ``runwatch_host_*``,
+    and GPU memory per training process mapped to its run and rank by pid."""
+
+    def __init__(self, sampler: Sampler, live: LiveView) -> None:
+        self.sampler = sampler
+        self.live = live
+
+    def collect(self) -> Iterator[Metric]:
+        sample = self.sampler.latest
+        visible = GaugeMetricFamily(
+            "runwatch_gpus_visible", "GPUs the node sampler reads (0: none, see status)."
+        )
+        visible.add_metric([], len(sample.gpus) if sample else 0)
+        yield visible
+        if sample is None:
+            return
+        families = {
+            k: GaugeMetricFamily(name, text, labels=["gpu", "uuid", "model"])
+            for k, (name, text, _) in GPU_EXPORT.items()
+        }
+        by_pid = {st.info.pid: st.info for st in self.live.snapshot() if st.connections > 0}
+        procs = GaugeMetricFamily(
+            "runwatch_gpu_process_memory_bytes",
+            "GPU memory of a training process.",
+            labels=["gpu", "pid", "run", "rank"],
+        )
+        for g in sample.gpus:
+            labels = [str(g.index), g.uuid, g.name]
+            for key, value in g.values.items():
+                if key in families and math.isfinite(value):
+                    families[key].add_metric(labels, value * GPU_EXPORT[key][2])
+            for pid, used in g.processes:
+                info = by_pid.get(pid)
+                procs.add_metric(
+                    [str(g.index), str(pid), info.run if info else "", str(info.rank) if info else ""], used
+                )
+        yield from families.values()
+        yield procs
+        for key, value in sample.host.items():
+            if math.isfinite(value):
+                name = "runwatch_" + key.replace("_percent", "_ratio")
+                yield GaugeMetricFamily(
+                    name,
+                    f"Node {key.replace('_', ' ')} (node sampler).",
+                    value=value / 100.0 if key.endswith("_percent") else value,
+                )
 
 
 def serve(registry: CollectorRegistry, address: str, port: int) -> WSGIServer:

@@ -30,16 +30,26 @@ from prometheus_client import CollectorRegistry
 from runwatch.daemon import __version__
 from runwatch.daemon import store as store_mod
 from runwatch.daemon.config import ConfigError, Settings
-from runwatch.daemon.exporter import REJECT_REASONS, AlertCollector, DaemonMetrics, TrainCollector, serve
+from runwatch.daemon.exporter import (
+    NODE_RUN_PREFIX,
+    REJECT_REASONS,
+    AlertCollector,
+    DaemonMetrics,
+    NodeCollector,
+    TrainCollector,
+    serve,
+)
 from runwatch.daemon.hostio import HostIO
 from runwatch.daemon.ingest import Ingest
 from runwatch.daemon.live import LiveView
 from runwatch.daemon.notify.notifier import Notifier
+from runwatch.daemon.protocol import Block, Samples
 from runwatch.daemon.rules.engine import Engine, Event, StreamRef
 from runwatch.daemon.rules.reload import RuleSource
 from runwatch.daemon.rules.spec import SEVERITY_ORDER
+from runwatch.daemon.sampler import Sampler
 from runwatch.daemon.store import Store, StoreError
-from runwatch.daemon.writer import Writer
+from runwatch.daemon.writer import Write, Writer
 
 log = logging.getLogger("runwatch.daemon")
 
@@ -55,6 +65,11 @@ WARM_SECONDS = 24 * 3600.0
 def _json_number(value: float) -> float | str:
     """JSON has no NaN or Inf; a NaN loss is exactly what a user must see, so spell it."""
     return value if math.isfinite(value) else str(value)
+
+
+def _sample_stored(error: BaseException | None) -> None:
+    if error is not None:
+        log.warning("a node sample was not stored: %s", error)
 
 
 class StartupError(Exception):
@@ -112,6 +127,7 @@ class Daemon:
         self.rules: RuleSource | None = None
 
         self.notifier: Notifier | None = None
+        self.sampler: Sampler | None = None
         if self.engine is not None:
             try:
                 self.notifier = Notifier(s.alerting, s.store_path, self.metrics)
@@ -159,6 +175,7 @@ class Daemon:
                 self.exporter_url = f"http://{host}:{exporter.server_port}/metrics"
             if self.rules is not None:
                 self.rules.watch()
+            sampling = asyncio.create_task(self._start_sampler()) if s.sample_interval_seconds > 0 else None
             ticker = asyncio.create_task(self._tick()) if self.engine is not None else None
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
@@ -175,12 +192,16 @@ class Daemon:
             await ingest.close_all()
             if ticker is not None:
                 ticker.cancel()
+            if sampling is not None:
+                sampling.cancel()
         finally:
             if self.rules is not None:
                 self.rules.stop()
             writer.stop()
             if self.notifier is not None:
                 self.notifier.stop()
+            if self.sampler is not None:
+                self.sampler.close()
             store.close()
             if exporter is not None:
                 exporter.shutdown()
@@ -195,6 +216,27 @@ class Daemon:
             self.live.add_stream(info)
         for stream_id, step, t, set_id, data in store_mod.latest_rows(store.conn):
             self.live.load_row(stream_id, step, t, sets[set_id], data)
+
+    async def _start_sampler(self) -> None:
+        """Sample the node every ``sample_interval_seconds`` into its own stream (run
+        ``node:<host>``); NVML calls run off the event loop."""
+        loop = asyncio.get_running_loop()
+        self.sampler = sampler = await loop.run_in_executor(None, Sampler.open)
+        host = re.sub(r"[^A-Za-z0-9_.:@+-]", "-", socket.gethostname()) or "localhost"
+        info = await asyncio.wrap_future(self._writer.call(lambda store: store.register_stream(
+            f"{NODE_RUN_PREFIX}{host}", 0, 1, host, os.getpid(), os.geteuid(), __version__)))
+        self.live.add_stream(info)
+        self.registry.register(NodeCollector(sampler, self.live))
+        seq = 0
+        while True:
+            sample = await loop.run_in_executor(None, sampler.sample)
+            names, values = sample.row()
+            if names:
+                seq += 1
+                block = Block(names, np.array([int(sample.time * 1000)]), np.array([sample.time]),
+                              np.array([values], dtype=np.float64))
+                self._writer.submit(Write(info, Samples(seq, [block]), _sample_stored))
+            await asyncio.sleep(self.settings.sample_interval_seconds)
 
     async def _tick(self) -> None:
         """Drive the clock-judged rules (``absent``) once a second."""
@@ -366,17 +408,33 @@ class Daemon:
                 "refused_files": len(self.rules.errors) if self.rules else 0,
                 "firing": len(self.engine.active()) if self.engine else 0,
             },
+            "node": self.node_status(),
             "notify": {
                 "receivers": {name: r.config.type for name, r in self.notifier.receivers.items()},
                 "outbox": self.notifier.counts(),
             } if self.notifier else None,
         }
 
+    def node_status(self) -> dict[str, Any] | None:
+        """The GPUs the sampler reads, with their last readings, or why there are none."""
+        sampler = self.sampler
+        if sampler is None:
+            return None
+        latest = sampler.latest
+        gpus = [{"index": g.index, "uuid": g.uuid, "name": g.name,
+                 **{k: _json_number(v) for k, v in g.values.items()},
+                 "processes": [{"pid": pid, "memory_bytes": mem} for pid, mem in g.processes]}
+                for g in (latest.gpus if latest else [])]
+        return {"gpus": gpus, "no_gpu_reason": sampler.no_gpu_reason,
+                "host": {k: _json_number(v) for k, v in (latest.host if latest else {}).items()},
+                "sampled_at": latest.time if latest else None}
+
     def runs(self, include_gone: bool = False) -> list[dict[str, Any]]:
         streams = self.live.snapshot() if include_gone else self.live.live(self.settings.live_run_seconds)
         by_run: dict[str, list[Any]] = defaultdict(list)
         for st in streams:
-            by_run[st.info.run].append(st)
+            if not st.info.run.startswith(NODE_RUN_PREFIX):
+                by_run[st.info.run].append(st)
         now = time.time()
         out = []
         for run, ranks in sorted(by_run.items()):

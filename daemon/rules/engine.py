@@ -550,7 +550,7 @@ class Engine:
         context: dict[str, str] = {}
         if state == "firing" and "host_io" in rule.context and self.host_io is not None:
             summary += f"; {self.host_io.describe()}"
-            context = {k: f"{v:g}" for k, v in self.host_io.rates().items()}
+            context = self.host_io.context()
         event = Event(
             rule.name,
             st.loaded.version,

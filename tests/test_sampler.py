@@ -1,0 +1,143 @@
+"""The node sampler: recorded NVML readings through the real code, and a daemon on a node
+without a GPU (this one)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import DaemonProcess
+from prometheus_client import CollectorRegistry, generate_latest
+
+from runwatch.daemon.exporter import NodeCollector
+from runwatch.daemon.live import LiveView
+from runwatch.daemon.sampler import GpuReading, Sampler, clamp
+from runwatch.daemon.store import Store, StreamInfo, series
+
+
+class Recorded:
+    """A GPU source that replays readings (the thin interface the daemon reads through)."""
+
+    def __init__(self, readings: list[list[GpuReading]]) -> None:
+        self.readings = readings
+
+    def read(self) -> list[GpuReading]:
+        return self.readings.pop(0)
+
+    def close(self) -> None:
+        pass
+
+
+def reading(util: float, temp: float = 60.0, pid: int = 4242) -> GpuReading:
+    raw = {
+        "gpu_utilization": util,
+        "gpu_sm_active": 0.9,
+        "gpu_memory_used_bytes": 8e9,
+        "gpu_memory_total_bytes": 80e9,
+        "gpu_power_watts": 650.0,
+        "gpu_temperature_celsius": temp,
+        "gpu_sm_clock_hertz": 1.98e9,
+        "gpu_throttle_reasons": 4.0,
+    }
+    return GpuReading(
+        0, "GPU-abc", "NVIDIA H100 80GB HBM3", {k: clamp(k, v) for k, v in raw.items()}, [(pid, 7.5e9)]
+    )
+
+
+def test_impossible_values_become_nan() -> None:
+    assert math.isnan(clamp("gpu_utilization", 0xFFFFFFFF))
+    assert math.isnan(clamp("gpu_utilization", 140.0))
+    assert math.isnan(clamp("gpu_temperature_celsius", 400.0))
+    assert math.isnan(clamp("gpu_power_watts", -3.0))
+    assert math.isnan(clamp("gpu_sm_clock_hertz", None))
+    assert clamp("gpu_utilization", 97.0) == 97.0
+
+
+def test_recorded_readings_become_a_row_and_dcgm_style_series_with_runs_by_pid() -> None:
+    sampler = Sampler(Recorded([[reading(97.0, temp=400.0)]]), None)
+    sample = sampler.sample(now=1000.0)
+    names, values = sample.row()
+    row = dict(zip(names, values, strict=True))
+    assert row["gpu_utilization/0"] == 97.0 and math.isnan(row["gpu_temperature_celsius/0"])
+    assert "host_cpu_percent" in row and "host_memory_used_bytes" in row
+
+    live = LiveView()
+    live.add_stream(StreamInfo(1, "llama-7b", 3, 8, "node1", 4242, 1000, "0.1.0"))
+    live.connected(1, +1)
+    registry = CollectorRegistry()
+    registry.register(NodeCollector(sampler, live))
+    text = generate_latest(registry).decode()
+    labels = 'gpu="0",model="NVIDIA H100 80GB HBM3",uuid="GPU-abc"'
+    assert f"runwatch_gpu_utilization_ratio{{{labels}}} 0.97" in text
+    assert f"runwatch_gpu_sm_active_ratio{{{labels}}} 0.9" in text
+    assert f"runwatch_gpu_power_watts{{{labels}}} 650.0" in text
+    assert "runwatch_gpu_temperature_celsius{" not in text  # NaN is not exported
+    assert 'runwatch_gpu_process_memory_bytes{gpu="0",pid="4242",rank="3",run="llama-7b"} 7.5e+09' in text
+    assert "runwatch_gpus_visible 1.0" in text
+
+
+def test_a_gpu_read_failure_still_samples_the_host() -> None:
+    class Broken:
+        def read(self) -> list[GpuReading]:
+            raise RuntimeError("NVML_ERROR_GPU_IS_LOST")
+
+        def close(self) -> None:
+            pass
+
+    sample = Sampler(Broken(), None).sample()
+    assert sample.gpus == [] and "host_cpu_percent" in sample.host
+
+
+def test_a_daemon_without_gpus_says_why_and_samples_the_host(rootdir: Path) -> None:
+    d = DaemonProcess(rootdir, env={"RUNWATCH_SAMPLE_INTERVAL_SECONDS": "0.2"}).start()
+    try:
+        deadline = time.monotonic() + 15
+        node = None
+        while time.monotonic() < deadline:
+            node = d.status()["node"]
+            if node and node["sampled_at"]:
+                break
+            time.sleep(0.1)
+        assert node is not None and node["gpus"] == [] and "NVML" in node["no_gpu_reason"]
+        human = subprocess.run(
+            [sys.executable, "-m", "runwatch.daemon", "status", "--socket", str(d.socket)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "no GPU visible" in human
+        time.sleep(1.0)
+        text = d.metrics_text()
+        assert "runwatch_gpus_visible 0.0" in text and "runwatch_host_memory_used_bytes" in text
+        assert "runwatch_train_host_cpu_percent" not in text  # the node stream is not a training run
+        runs = json.loads(
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "runwatch.daemon",
+                    "runs",
+                    "--all",
+                    "--json",
+                    "--socket",
+                    str(d.socket),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        assert runs == []
+    finally:
+        d.terminate()
+    conn = Store.reader(d.store_path)
+    host = os.uname().nodename
+    run = next(r for (r,) in conn.execute("SELECT name FROM runs") if r.startswith("node:"))
+    assert host.split(".")[0] in run
+    steps, values = series(conn, run, 0, "host_memory_used_bytes")
+    assert len(steps) >= 3 and (values > 0).all() and (steps[1:] > steps[:-1]).all()

@@ -31,6 +31,11 @@ def test_wheel_installs_into_a_clean_venv_and_the_daemon_runs_without_torch(tmp_
     wheel = next(dist.glob("runwatch-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "runwatch/daemon/service.py" in names and "runwatch/hooks/watch.py" in names
+    # Every subpackage of the source tree is in the wheel (a new folder must be listed in pyproject).
+    for folder in ("daemon", "hooks"):
+        for init in (REPO / folder).rglob("__init__.py"):
+            rel = init.relative_to(REPO / folder).as_posix()
+            assert f"runwatch/{folder}/{rel}" in names, f"{folder}/{rel} is missing from the wheel"
     assert not [n for n in names if n.startswith(("daemon/", "hooks/", "tests/"))]
 
     venv = tmp_path / "venv"

@@ -193,6 +193,29 @@ class NodeSample:
         return tuple(names), values
 
 
+def _show(values: dict[str, float], key: str, fmt: str, scale: float = 1.0) -> str | None:
+    x = values.get(key, math.nan)
+    return None if math.isnan(x) else fmt.format(x * scale)
+
+
+def describe_gpus(sample: NodeSample | None) -> str | None:
+    """One line for an alert: each GPU's utilization, SM activity, memory, power and temperature."""
+    if sample is None or not sample.gpus:
+        return None
+    parts = []
+    for g in sample.gpus:
+        v = g.values
+        fields = [
+            _show(v, "gpu_utilization", "{:.0f}% busy"),
+            _show(v, "gpu_sm_active", "SM {:.0%}"),
+            _show(v, "gpu_memory_used_bytes", "{:.1f} GiB", 2.0**-30),
+            _show(v, "gpu_power_watts", "{:.0f} W"),
+            _show(v, "gpu_temperature_celsius", "{:.0f} °C"),
+        ]
+        parts.append(f"{g.index}: " + ", ".join(f for f in fields if f))
+    return "; ".join(parts)
+
+
 class Sampler:
     """Reads the node; ``latest`` is the last sample (for status and the exporter)."""
 

@@ -47,7 +47,7 @@ from runwatch.daemon.protocol import Block, Samples
 from runwatch.daemon.rules.engine import Engine, Event, StreamRef
 from runwatch.daemon.rules.reload import RuleSource
 from runwatch.daemon.rules.spec import SEVERITY_ORDER
-from runwatch.daemon.sampler import Sampler
+from runwatch.daemon.sampler import Sampler, describe_gpus
 from runwatch.daemon.store import Store, StoreError
 from runwatch.daemon.writer import Write, Writer
 
@@ -123,7 +123,8 @@ class Daemon:
         self.registry = CollectorRegistry()
         self.metrics = DaemonMetrics(self.registry)
         self.registry.register(TrainCollector(self.live))
-        self.engine = Engine(host_io=HostIO()) if s.rules_enabled else None
+        self.engine = Engine(host_io=HostIO(), gpu_state=lambda: describe_gpus(
+            self.sampler.latest if self.sampler else None)) if s.rules_enabled else None
         self.rules: RuleSource | None = None
 
         self.notifier: Notifier | None = None

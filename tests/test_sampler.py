@@ -141,3 +141,31 @@ def test_a_daemon_without_gpus_says_why_and_samples_the_host(rootdir: Path) -> N
     assert host.split(".")[0] in run
     steps, values = series(conn, run, 0, "host_memory_used_bytes")
     assert len(steps) >= 3 and (values > 0).all() and (steps[1:] > steps[:-1]).all()
+
+
+def test_a_firing_that_asks_for_gpu_context_carries_each_gpus_state() -> None:
+    from pathlib import Path as _Path
+
+    import numpy as np
+
+    from runwatch.daemon.rules.engine import Engine, StreamRef
+    from runwatch.daemon.rules.spec import parse_rule_text
+    from runwatch.daemon.sampler import describe_gpus
+
+    sampler = Sampler(Recorded([[reading(97.0)]]), None)
+    sampler.sample()
+    rules = parse_rule_text(
+        """
+rules:
+  - {name: spike, metric: grad_norm, when: value > 5, severity: critical, context: [gpu]}
+""",
+        _Path("r.yaml"),
+    )
+    engine = Engine(rules, gpu_state=lambda: describe_gpus(sampler.latest))
+    [event] = engine.observe(
+        StreamRef(1, "r", 0), 0, ("grad_norm",), np.array([1]), np.array([1.0]), np.array([[9.0]]), now=1.0
+    )
+    assert (
+        event.context["gpus"] == "0: 97% busy, SM 90%, 7.5 GiB, 650 W"
+        and "; GPUs: 0: 97% busy" in event.summary
+    )

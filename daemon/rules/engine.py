@@ -21,7 +21,7 @@ import math
 import statistics
 import threading
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -265,10 +265,17 @@ class StreamTrack:
 
 class Engine:
     """``host_io``, when given, is sampled on every tick and answers rules with
-    ``context: [host_io]``."""
+    ``context: [host_io]``; ``gpu_state`` answers ``context: [gpu]`` (the node sampler's
+    last reading, one line)."""
 
-    def __init__(self, rules: Iterable[LoadedRule] = (), host_io: HostIO | None = None) -> None:
+    def __init__(
+        self,
+        rules: Iterable[LoadedRule] = (),
+        host_io: HostIO | None = None,
+        gpu_state: Callable[[], str | None] | None = None,
+    ) -> None:
         self.host_io = host_io
+        self.gpu_state = gpu_state
         self.rules: list[LoadedRule] = []
         self._states: dict[tuple[str, int], RuleState] = {}
         self._per_stream: dict[int, list[RuleState]] = {}
@@ -551,6 +558,11 @@ class Engine:
         if state == "firing" and "host_io" in rule.context and self.host_io is not None:
             summary += f"; {self.host_io.describe()}"
             context = self.host_io.context()
+        if state == "firing" and "gpu" in rule.context and self.gpu_state is not None:
+            gpus = self.gpu_state()
+            if gpus:
+                summary += f"; GPUs: {gpus}"
+                context["gpus"] = gpus
         event = Event(
             rule.name,
             st.loaded.version,

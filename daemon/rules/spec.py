@@ -275,8 +275,9 @@ class Rule(_Strict):
     ]
     for_: SpanField = Field(default=Span(steps=1), alias="for")
     labels: dict[str, str] = Field(default_factory=dict)
-    context: list[Literal["host_io"]] = Field(
-        default_factory=list, description="host_io: add the node's disk and network rates to a firing"
+    context: list[Literal["host_io", "gpu"]] = Field(
+        default_factory=list,
+        description="add to a firing: host_io, the node's disk and network rates; gpu, each GPU's state",
     )
 
     @model_validator(mode="after")

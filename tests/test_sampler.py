@@ -166,6 +166,6 @@ rules:
         StreamRef(1, "r", 0), 0, ("grad_norm",), np.array([1]), np.array([1.0]), np.array([[9.0]]), now=1.0
     )
     assert (
-        event.context["gpus"] == "0: 97% busy, SM 90%, 7.5 GiB, 650 W"
+        event.context["gpus"] == "0: 97% busy, SM 90%, 7.5 GiB, 650 W, 60 °C"
         and "; GPUs: 0: 97% busy" in event.summary
     )

@@ -402,7 +402,8 @@ class Daemon:
                     if (n := self._sample("runwatch_ingest_rejected_frames_total", {"reason": r}))
                 },
             },
-            "runs": {"live": len({st.info.run for st in self.live.live(s.live_run_seconds)})},
+            "runs": {"live": len({st.info.run for st in self.live.live(s.live_run_seconds)
+                                  if not st.info.run.startswith(NODE_RUN_PREFIX)})},
             "rules": {
                 "enabled": self.rules is not None,
                 "loaded": len(self.rules.rules) if self.rules else 0,

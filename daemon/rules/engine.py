@@ -682,6 +682,13 @@ def _summary(
         "severity": rule.severity,
         "shard": "unknown" if shard is None else f"{shard:.0f}",
     }
+    if state == "resolved":
+        # The firing summary says what went wrong and what was done; a resolution says it ended.
+        what = metric or "the stream"
+        text = f"resolved: {rule.name} on {stream.run} rank {stream.rank}, step {step}"
+        if math.isfinite(value) and math.isfinite(baseline) and rule.summary is not None:
+            text += f": {what} {value:.4g} against baseline {baseline:.4g}"
+        return text + (f" [{why}]" if why else "")
     text = None
     if rule.summary:
         try:
@@ -692,6 +699,4 @@ def _summary(
         cond = rule.when if isinstance(rule.when, Condition) else f"{rule.when.mode} of conditions"
         text = f"{rule.name}: {metric or 'stream'} {cond} (value {value:.4g}"
         text += f", baseline {baseline:.4g}, {window})" if math.isfinite(baseline) else ")"
-    if state == "resolved":
-        text = f"resolved: {text}" + (f" [{why}]" if why else "")
     return text

@@ -352,6 +352,7 @@ def start_daemon(folder: Path, cpu: int, rules: bool = False) -> Daemon:
     state_dir = folder / "state"
     log_path = folder / "daemon.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RUNWATCH_")}
+    env["RUNWATCH_SAMPLE_INTERVAL_SECONDS"] = "0"  # the node sampler's rows are not ingest
     cmd = [sys.executable, "-m", "runwatch.daemon", "daemon", "--socket", str(socket_path),
            "--state-dir", str(state_dir), "--exporter-port", "0", "--log-level", "warning",
            *([] if rules else ["--no-rules"])]

@@ -44,7 +44,9 @@ class DaemonProcess:
         self.state_dir = root / "state"
         self.log_path = root / "daemon.log"
         self.extra_args = extra_args or []
-        self.env = {**os.environ, **(env or {})}
+        # The node sampler adds its own rows to the store; tests that count what a hook sent
+        # run without it (tests/test_sampler.py switches it on).
+        self.env = {**os.environ, "RUNWATCH_SAMPLE_INTERVAL_SECONDS": "0", **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.exporter_url: str | None = None
 

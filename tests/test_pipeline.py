@@ -28,7 +28,11 @@ def _train(daemon: DaemonProcess, run: str, steps: int, record: Path, *extra: st
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-HOOK_BOUND_SECONDS = 0.25
+# A step that waited on the daemon would take seconds (a restart takes ~3 s, the handshake
+# timeout is 10 s); the hook's own time stays far below, but on a loaded 2-core CI machine
+# GIL and CPU contention stretched one step's hook time to 0.3 s. The bound says "never
+# waits for the daemon", not "fast": speed is bench/hook_overhead.py's job.
+HOOK_BOUND_SECONDS = 1.0
 
 
 def _assert_never_blocked(conn, run: str, times: Path, what: str) -> None:

@@ -6,6 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from runwatch.daemon.rules.engine import Engine, StreamRef
 from runwatch.daemon.rules.fixture import Case, run_case
@@ -281,3 +283,39 @@ def test_host_io_context_is_attached_to_firings_that_ask_for_it() -> None:
     [event] = engine.observe(ref, 0, ("grad_norm",), steps, steps * 1.0, vals, now=41.0)
     assert "; host: disk read" in event.summary and "network in" in event.summary
     assert float(event.context["disk_read_mb_per_s"]) >= 0 and "net_sent_mb_per_s" in event.context
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    spikes=st.lists(st.tuples(st.integers(40, 199), st.floats(2.0, 20.0)), max_size=5),
+    nans=st.lists(st.integers(0, 199), max_size=3),
+    batch=st.integers(2, 64),
+    for_steps=st.integers(1, 3),
+)
+def test_batching_never_changes_what_fires(
+    seed: int, spikes: list[tuple[int, float]], nans: list[int], batch: int, for_steps: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    values = 1.0 + 0.05 * rng.standard_normal(200)
+    for at, size in spikes:
+        values[at] = size
+    for at in nans:
+        values[at] = np.nan
+    text = SPIKE.replace("severity", f"for: {for_steps} steps\n    severity")
+
+    def events(k: int) -> list[tuple[int, str]]:
+        engine = Engine(rules(text))
+        ref = StreamRef(1, "r", 0)
+        out = []
+        for start in range(0, 200, k):
+            steps = np.arange(start, min(200, start + k))
+            out += [
+                (e.step, e.state)
+                for e in engine.observe(
+                    ref, 0, ("grad_norm",), steps, steps * 1.0, values[steps][:, None], now=float(start)
+                )
+            ]
+        return out
+
+    assert events(1) == events(batch)

@@ -189,7 +189,6 @@ class Dispatcher:
         self.receivers = config.effective_receivers()
         self.groups: dict[tuple[str, str], Group] = {}
         self.alerts: dict[str, Alert] = {}  # latest state of every alert seen, for inhibition
-        self.last_decisions: list[tuple[str, str, Decision]] = []
 
     def route(self, alert: Alert) -> list[str]:
         out: list[str] = []
@@ -230,7 +229,6 @@ class Dispatcher:
         silences = [s for s in self._silences() if s.active(now)]
         inhibited = Inhibitor(self.config.inhibit, self.alerts.values())
         decided: list[Decided] = []
-        self.last_decisions = []
         flushed: list[tuple[tuple[str, str], Group]] = []
         for (receiver, key), group in list(self.groups.items()):
             if group.next_flush > now:
@@ -257,7 +255,6 @@ class Dispatcher:
                 self.config.repeat_interval,
                 now,
             )
-            self.last_decisions.append((receiver, key, decision))
             if decision.record:
                 new_entry = LogEntry(
                     frozenset(a.fingerprint for a in firing),

@@ -360,46 +360,17 @@ class Engine:
         shards = values[:, names.index(SHARD_KEY)] if SHARD_KEY in names else None
         events: list[Event] = []
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            events += self._judge_all(ref, set_id, names, steps, times, values, shards, track, silent, usual)
+            for st in self._rule_states(ref):
+                if not st.rule.absent:
+                    events += self._judge(st, set_id, names, steps, times, values, shards, track)
+                elif len(st.firing) and st.firing[0]:
+                    st.firing[0] = False
+                    events.append(self._event(st, "resolved", "", int(steps[0]), float(times[0]), silent,
+                                              usual, track.shard, "steps arrive again"))
         if shards is not None:
             track.shard = float(shards[-1])
         if len(events) > 1:
             events.sort(key=lambda e: e.step)
-        return events
-
-    def _judge_all(
-        self,
-        ref: StreamRef,
-        set_id: int,
-        names: tuple[str, ...],
-        steps: np.ndarray,
-        times: np.ndarray,
-        values: np.ndarray,
-        shards: np.ndarray | None,
-        track: StreamTrack,
-        silent: float,
-        usual: float,
-    ) -> list[Event]:
-        events: list[Event] = []
-        for st in self._rule_states(ref):
-            if isinstance(st.rule.when, Condition) and st.rule.when.kind == "absent":
-                if len(st.firing) and st.firing[0]:
-                    events.append(
-                        self._event(
-                            st,
-                            "resolved",
-                            "",
-                            int(steps[0]),
-                            float(times[0]),
-                            silent,
-                            usual,
-                            track.shard,
-                            "steps arrive again",
-                        )
-                    )
-                    st.firing[0] = False
-                continue
-            events += self._judge(st, set_id, names, steps, times, values, shards, track)
         return events
 
     def _judge(
@@ -475,12 +446,9 @@ class Engine:
         live = set(connected)
         events = self.forget_idle(now, live)
         for sid, track in self._streams.items():
-            states = [
-                st
-                for st in self._rule_states(track.ref)
-                if isinstance(st.rule.when, Condition) and st.rule.when.kind == "absent"
-            ]
-            for st in states:
+            for st in self._rule_states(track.ref):
+                if not st.rule.absent:
+                    continue
                 st.grow(1)
                 span = st.rule.for_
                 if span.factor is not None:
@@ -490,36 +458,12 @@ class Engine:
                     usual, limit = None, span.seconds
                 silent = now - track.last_arrival if track.last_arrival is not None else 0.0
                 stalled = sid in live and limit is not None and silent >= limit
-                if stalled and not st.firing[0]:
-                    st.firing[0] = True
-                    events.append(
-                        self._event(
-                            st,
-                            "firing",
-                            "",
-                            track.last_step,
-                            now,
-                            silent,
-                            math.nan if usual is None else usual,
-                            track.shard,
-                        )
-                    )
-                elif not stalled and st.firing[0]:
-                    st.firing[0] = False
-                    why = "the hook disconnected" if sid not in live else "steps arrive again"
-                    events.append(
-                        self._event(
-                            st,
-                            "resolved",
-                            "",
-                            track.last_step,
-                            now,
-                            silent,
-                            math.nan if usual is None else usual,
-                            track.shard,
-                            why,
-                        )
-                    )
+                if stalled == bool(st.firing[0]):
+                    continue
+                st.firing[0] = stalled
+                why = None if stalled else "steps arrive again" if sid in live else "the hook disconnected"
+                events.append(self._event(st, "firing" if stalled else "resolved", "", track.last_step, now,
+                                          silent, math.nan if usual is None else usual, track.shard, why))
         return events
 
     def forget_idle(self, now: float, connected: set[int]) -> list[Event]:
@@ -551,7 +495,7 @@ class Engine:
     ) -> Event:
         rule = st.rule
         window = st.leaves[0].window_text if st.leaves else ""
-        if isinstance(rule.when, Condition) and rule.when.kind == "absent":
+        if rule.absent:
             window = "usual interval between arrivals"
         summary = _summary(rule, st.stream, metric, step, value, baseline, window, shard, state, why)
         context: dict[str, str] = {}
@@ -628,7 +572,7 @@ class Engine:
                 lr is None
                 or ref is None
                 or lr.version != e.version
-                or (isinstance(lr.rule.when, Condition) and lr.rule.when.kind == "absent")
+                or lr.rule.absent
             ):
                 lost.append(e)
                 continue

@@ -291,9 +291,7 @@ class Rule(_Strict):
             _check_condition(self.metric, self.baseline, self.when)
             if self.when.kind == "absent" and self.for_.steps is not None:
                 raise ValueError("'absent' is judged on the clock: give 'for' as a duration or 'Kx interval'")
-        if self.for_.factor is not None and not (
-            isinstance(self.when, Condition) and self.when.kind == "absent"
-        ):
+        if self.for_.factor is not None and not self.absent:
             raise ValueError("'for: Kx interval' applies to 'absent' only")
         if self.summary is not None:
             _check_summary(self.summary)
@@ -307,6 +305,11 @@ class Rule(_Strict):
         if isinstance(data, dict) and isinstance(data.get("for"), str) and "interval" in data["for"]:
             data = {**data, "for": _span(data["for"], interval=True)}
         return data
+
+    @property
+    def absent(self) -> bool:
+        """An ``absent`` rule is judged on the clock (by the tick), not on steps."""
+        return isinstance(self.when, Condition) and self.when.kind == "absent"
 
     @property
     def leaves(self) -> list[Leaf]:

@@ -51,6 +51,19 @@ def _query(args: argparse.Namespace, op: str, **kw: Any) -> dict[str, Any]:
         return client.query(op, **kw)
 
 
+def _daemon_call(args: argparse.Namespace, op: str, **kw: Any) -> dict[str, Any] | None:
+    """The daemon's reply to a query, or None once the failure is printed (unreachable, refused)."""
+    try:
+        reply = _query(args, op, **kw)
+    except DaemonUnreachable as exc:
+        Console(stderr=True).print(f"[red]runwatch daemon is not reachable[/red]: {exc}")
+        return None
+    if "error" in reply:
+        print(f"runwatch: {reply['error']}", file=sys.stderr)
+        return None
+    return reply
+
+
 # -- daemon ----------------------------------------------------------------------------
 
 
@@ -147,11 +160,10 @@ def _fmt(value: Any) -> str:
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
-    try:
-        runs = _query(args, "runs", all=args.all)["runs"]
-    except DaemonUnreachable as exc:
-        Console(stderr=True).print(f"[red]runwatch daemon is not reachable[/red]: {exc}")
+    reply = _daemon_call(args, "runs", all=args.all)
+    if reply is None:
         return EXIT_UNREACHABLE
+    runs = reply["runs"]
     if args.json:
         _print_json(runs)
         return 0
@@ -185,10 +197,8 @@ _SEVERITY_STYLE = {"critical": "bold red", "warning": "yellow", "info": "cyan"}
 
 
 def cmd_alerts(args: argparse.Namespace) -> int:
-    try:
-        reply = _query(args, "alerts", run=args.run, limit=args.limit)
-    except DaemonUnreachable as exc:
-        Console(stderr=True).print(f"[red]runwatch daemon is not reachable[/red]: {exc}")
+    reply = _daemon_call(args, "alerts", run=args.run, limit=args.limit)
+    if reply is None:
         return EXIT_UNREACHABLE
     if args.json:
         _print_json(reply)
@@ -278,10 +288,8 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
 
 
 def cmd_rules_list(args: argparse.Namespace) -> int:
-    try:
-        reply = _query(args, "rules")
-    except DaemonUnreachable as exc:
-        Console(stderr=True).print(f"[red]runwatch daemon is not reachable[/red]: {exc}")
+    reply = _daemon_call(args, "rules")
+    if reply is None:
         return EXIT_UNREACHABLE
     if args.json:
         _print_json(reply)
@@ -310,18 +318,6 @@ def _matchers(items: list[str]) -> dict[str, str]:
             raise ValueError(f"--match {item!r}: write label=value (or label=~regex)")
         out[label] = value
     return out
-
-
-def _daemon_call(args: argparse.Namespace, op: str, **kw: Any) -> dict[str, Any] | None:
-    try:
-        reply = _query(args, op, **kw)
-    except DaemonUnreachable as exc:
-        Console(stderr=True).print(f"[red]runwatch daemon is not reachable[/red]: {exc}")
-        return None
-    if "error" in reply:
-        print(f"runwatch: {reply['error']}", file=sys.stderr)
-        return None
-    return reply
 
 
 def cmd_silence_add(args: argparse.Namespace) -> int:

@@ -29,6 +29,16 @@ from runwatch.daemon.protocol import Kind
 REPO = Path(__file__).resolve().parent.parent
 
 
+def wait_for(check: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+    """Poll ``check`` until it returns something truthy (and return that), or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def short_tmpdir() -> Path:
     # Unix socket paths are limited to 107 bytes; pytest's tmp_path can be longer.
     return Path(tempfile.mkdtemp(prefix="rw-", dir="/tmp"))

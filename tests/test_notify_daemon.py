@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DaemonProcess, StubServer, free_port
-from test_rules_daemon import SPIKE, Sender, wait_for
+from conftest import DaemonProcess, StubServer, free_port, wait_for
+from test_rules_daemon import SPIKE, Sender
 
 SECRET = "xoxb-never-show-me-42"
 

@@ -3,6 +3,7 @@ PagerDuty and webhooks: the exact JSON they receive, outages, rate limits, storm
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import time
@@ -10,6 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import conftest
 import pytest
 from conftest import Reply, StubServer, free_port
 from prometheus_client import CollectorRegistry
@@ -53,13 +55,8 @@ def event(
     )
 
 
-def wait_for(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := check():
-            return result
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+# Deliveries involve TLS handshakes and threads: these waits allow 20 s unless told otherwise.
+wait_for = functools.partial(conftest.wait_for, timeout=20.0)
 
 
 @pytest.fixture

@@ -6,12 +6,12 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DaemonProcess, RawClient
+from conftest import DaemonProcess, RawClient, wait_for
 
 from runwatch.daemon import protocol
 from runwatch.daemon.store import Store
@@ -40,16 +40,6 @@ rules:
     for: 4x interval, at least 1s
     severity: critical
 """
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Sender:

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import DaemonProcess
+from conftest import DaemonProcess, wait_for
 from prometheus_client import CollectorRegistry, generate_latest
 
 from runwatch.daemon.exporter import NodeCollector
@@ -96,14 +96,8 @@ def test_a_gpu_read_failure_still_samples_the_host() -> None:
 def test_a_daemon_without_gpus_says_why_and_samples_the_host(rootdir: Path) -> None:
     d = DaemonProcess(rootdir, env={"RUNWATCH_SAMPLE_INTERVAL_SECONDS": "0.2"}).start()
     try:
-        deadline = time.monotonic() + 15
-        node = None
-        while time.monotonic() < deadline:
-            node = d.status()["node"]
-            if node and node["sampled_at"]:
-                break
-            time.sleep(0.1)
-        assert node is not None and node["gpus"] == [] and "NVML" in node["no_gpu_reason"]
+        node = wait_for(lambda: (n := d.status()["node"]) and n["sampled_at"] and n, what="a node sample")
+        assert node["gpus"] == [] and "NVML" in node["no_gpu_reason"]
         human = subprocess.run(
             [sys.executable, "-m", "runwatch.daemon", "status", "--socket", str(d.socket)],
             capture_output=True,

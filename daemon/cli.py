@@ -10,6 +10,11 @@
     runwatch silence add --match run=X [--match ...] --for 2h [--comment TEXT]
     runwatch silence list [--all] [--json] | runwatch silence expire ID
     runwatch notifications [--json]
+    runwatch pause RUN | resume RUN | rewind RUN [--to STEP] [--lr-scale X] [--skip N]
+    runwatch skip-shard RUN SHARD
+    runwatch incidents [--run NAME] [--json] | runwatch incident show ID [--json]
+    runwatch checkpoints RUN [--json]
+    runwatch manifest DATA_DIR [--verify [--shard S]] [--json]
     runwatch demo
 """
 
@@ -35,6 +40,8 @@ EXIT_CONFIG = 2
 EXIT_STARTUP = 3
 EXIT_RULES = 4
 EXIT_USAGE = 5
+EXIT_PENDING = 6  # a command was sent but the run did not apply it within --wait
+EXIT_FAILED = 7  # the run reported that it could not apply the command
 
 
 def _print_json(obj: Any) -> None:
@@ -398,6 +405,152 @@ def cmd_notifications(args: argparse.Namespace) -> int:
 # -- demo ------------------------------------------------------------------------------
 
 
+# -- interventions -------------------------------------------------------------------------
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def cmd_control(args: argparse.Namespace) -> int:
+    """pause / resume / rewind / skip-shard: send, then wait for the run to apply it."""
+    action = args.action
+    cmd_args: dict[str, Any] = {}
+    if action == "rewind":
+        cmd_args = {"to": args.to if args.to is not None else "last_clean", "skip_batches": args.skip,
+                    "resume": not args.stay_paused}
+        if args.lr_scale is not None:
+            cmd_args["lr_scale"] = args.lr_scale
+    elif action == "skip_shard":
+        cmd_args = {"shard": int(args.shard) if args.shard.isdigit() else args.shard}
+    sent = _daemon_call(args, "control", run=args.run, action=action, params=cmd_args)
+    if sent is None:
+        return EXIT_UNREACHABLE
+    cid = sent["command"]
+    deadline = time.monotonic() + args.wait
+    found: dict[str, Any] = {"state": "pending"}
+    while True:
+        reply = _daemon_call(args, "command", id=cid)
+        if reply is None:
+            return EXIT_UNREACHABLE
+        found = reply["command"]
+        if found["state"] != "pending" or time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+    if args.json:
+        _print_json({**found, "incident": sent.get("incident")})
+    elif found["state"] == "pending":
+        print(f"{action} sent to {args.run} as command {cid}; not applied yet (the run applies it at "
+              "its next step boundary; `runwatch incidents` shows when)")
+    elif found["state"] == "applied":
+        result = found.get("result") or {}
+        extra = ""
+        if action == "rewind":
+            state = "resumed" if result.get("resumed") else "paused"
+            extra = (f": checkpoint of step {result.get('checkpoint_step')},"
+                     f" learning rate x{result.get('lr_scale')}, {state}")
+        print(f"{action} applied to {args.run} before step {found['step']}{extra} (command {cid}"
+              + (f", incident {sent['incident']})" if sent.get("incident") else ")"))
+    else:
+        print(f"{action} failed on {args.run}: {result_detail(found)}", file=sys.stderr)
+    return {"pending": EXIT_PENDING, "applied": 0}.get(found["state"], EXIT_FAILED)
+
+
+def result_detail(command: dict[str, Any]) -> str:
+    return str((command.get("result") or {}).get("detail") or command.get("state"))
+
+
+def cmd_incidents(args: argparse.Namespace) -> int:
+    reply = _daemon_call(args, "incidents", run=args.run, limit=args.limit)
+    if reply is None:
+        return EXIT_UNREACHABLE
+    if args.json:
+        _print_json(reply)
+        return 0
+    table = Table(title="incidents")
+    for col in ("id", "run", "state", "rule", "step", "rewinds", "opened", "summary"):
+        table.add_column(col)
+    for i in reply["incidents"]:
+        table.add_row(str(i["id"]), i["run"], i["state"], i["rule"], str(i["first_step"]), str(i["rewinds"]),
+                      _when(i["opened"]), i["summary"][:80])
+    Console().print(table)
+    return 0
+
+
+def cmd_incident_show(args: argparse.Namespace) -> int:
+    reply = _daemon_call(args, "incident", id=args.id)
+    if reply is None:
+        return EXIT_UNREACHABLE
+    inc = reply["incident"]
+    if args.json:
+        _print_json(inc)
+        return 0
+    console = Console()
+    console.print(f"[bold]incident {inc['id']}[/bold] on run [bold]{inc['run']}[/bold]: {inc['state']}"
+                  f" (rule {inc['rule']}, step {inc['first_step']}, {inc['rewinds']} rewinds)")
+    console.print(inc["summary"])
+    table = Table(title="timeline")
+    table.add_column("time")
+    table.add_column("what")
+    table.add_column("")
+    for t in inc["timeline"]:
+        table.add_row(_when(t["time"]), t["kind"], t["text"])
+    console.print(table)
+    dumps = [c["result"]["path"] for c in inc["commands"]
+             if c["action"] == "dump_batch" and c.get("result") and c["result"].get("path")]
+    for path in dumps:
+        console.print(f"dumped batch: {path}")
+    return 0
+
+
+def cmd_checkpoints(args: argparse.Namespace) -> int:
+    reply = _daemon_call(args, "checkpoints", run=args.run)
+    if reply is None:
+        return EXIT_UNREACHABLE
+    if args.json:
+        _print_json(reply)
+        return 0
+    control = reply.get("control") or {}
+    table = Table(title=f"checkpoints of {args.run}" + (f" in {control['checkpoint_dir']}"
+                                                        if control.get("checkpoint_dir") else ""))
+    for col in ("step", "format", "size", "saved", "path"):
+        table.add_column(col)
+    for c in reply["checkpoints"]:
+        size = f"{(c['size_bytes'] or 0) / 1e6:.1f} MB"
+        table.add_row(str(c["step"]), c["format"], size, _when(c["saved_at"]), c["path"])
+    Console().print(table)
+    if control:
+        print(f"run state: {control['state']}, learning-rate scale x{control['lr_scale']:g}")
+    return 0
+
+
+def cmd_manifest(args: argparse.Namespace) -> int:
+    from runwatch.daemon.manifest import ManifestError, verify_manifest, write_manifest
+
+    try:
+        if not args.verify:
+            path = write_manifest(args.data_dir)
+            if args.json:
+                _print_json({"manifest": str(path)})
+            else:
+                print(f"wrote {path}")
+            return 0
+        checks = verify_manifest(args.data_dir, args.shard)
+    except (ManifestError, OSError) as exc:
+        print(f"runwatch manifest: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    bad = [c for c in checks if c.status != "match"]
+    if args.json:
+        _print_json({"checks": [{"path": c.path, "status": c.status, "detail": c.detail} for c in checks],
+                     "ok": not bad})
+    else:
+        for c in checks:
+            if c.status != "match" or args.shard is not None:
+                print(f"{c.status:9} {c.path}  {c.detail}")
+        print(f"{len(checks) - len(bad)} match, {len(bad)} differ")
+    return 0 if not bad else EXIT_FAILED
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from runwatch.daemon.demo import run_demo
 
@@ -481,6 +634,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_notifications)
+
+    for action, help_text in (("pause", "pause a run before its next step (process and GPU memory stay)"),
+                              ("resume", "resume a paused run"),
+                              ("rewind", "rewind a run to a checkpoint with a lower learning rate"),
+                              ("skip-shard", "skip a data shard from the next step on")):
+        p = sub.add_parser(action, help=help_text)
+        _socket_arg(p)
+        p.add_argument("run", help="run name")
+        if action == "rewind":
+            p.add_argument("--to", type=int, help="checkpoint step (default: the last clean one)")
+            p.add_argument("--lr-scale", type=float, help="learning-rate factor (default: the playbook's)")
+            p.add_argument("--skip", type=int, default=0, help="batches to skip after the rewind")
+            p.add_argument("--stay-paused", action="store_true", help="do not resume after rewinding")
+        if action == "skip-shard":
+            p.add_argument("shard", help="shard number or name")
+        p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for the run to apply it")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=cmd_control, action=action.replace("-", "_"))
+
+    p = sub.add_parser("incidents", help="interventions: what fired, what was done, how it ended")
+    _socket_arg(p)
+    p.add_argument("--run")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_incidents)
+    incident = sub.add_parser("incident", help="one incident").add_subparsers(
+        dest="incident_command", required=True, metavar="SUBCOMMAND")
+    p = incident.add_parser("show", help="an incident's timeline, values, dumps and checkpoints")
+    _socket_arg(p)
+    p.add_argument("id", type=int)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_incident_show)
+
+    p = sub.add_parser("checkpoints", help="the checkpoints a run registered")
+    _socket_arg(p)
+    p.add_argument("run")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_checkpoints)
+
+    p = sub.add_parser("manifest", help="write (or --verify) a checksum manifest of a data folder")
+    p.add_argument("data_dir", type=Path)
+    p.add_argument("--verify", action="store_true", help="compare the files with the manifest")
+    p.add_argument("--shard", help="with --verify: only this shard (number or name)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_manifest)
 
     p = sub.add_parser("demo", help="start a daemon, train a tiny model with the hook, show status")
     p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -29,6 +29,24 @@ SYSTEM_CONFIG = Path("/etc/runwatch/runwatch.toml")
 
 class ConfigError(Exception):
     """A setting the daemon refuses to start with. The message names it and why."""
+
+
+class Playbook(BaseModel):
+    """What the daemon does on its own when a rule names ``pause`` (see daemon/playbook.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(
+        default=True, description="Act on the actions rules name (false: record them only).")
+    auto_rewind: bool = Field(
+        default=True, description="Rewind a paused run to its last clean checkpoint without a person."
+    )
+    lr_scale: float = Field(default=0.1, gt=0, le=1, description="Learning-rate factor of each rewind.")
+    skip_batches: int = Field(default=0, ge=0, description="Batches skipped after a rewind, besides "
+                              "those between the checkpoint and the spike.")
+    max_rewinds: int = Field(default=2, ge=0, description="Rewinds per incident before escalating.")
+    watch_steps: int = Field(default=200, ge=1, description="Healthy steps after a rewind that "
+                             "resolve the incident.")
 
 
 class Settings(BaseSettings):
@@ -63,6 +81,7 @@ class Settings(BaseSettings):
         default=5.0, ge=0, le=3600, description="GPU and host sampling period; 0 switches the sampler off."
     )
     alerting: Alerting = Field(default_factory=Alerting, description="receivers, routes, grouping")
+    playbook: Playbook = Field(default_factory=Playbook, description="pause, rewind, escalate")
 
     @field_validator("socket_mode", mode="before")
     @classmethod

@@ -121,6 +121,11 @@ class DaemonMetrics:
             "Failures while judging steps (logged; the steps are stored and acknowledged anyway).",
             registry=registry,
         )
+        self.control_refused = Counter(
+            "runwatch_control_refused",
+            "Pause/resume/rewind requests refused (not the run's owner or root, bad arguments).",
+            registry=registry,
+        )
         self.rules_loaded = Gauge("runwatch_rules_loaded", "Rules in force.", registry=registry)
         self.notifications = Counter(
             "runwatch_notifications",

@@ -22,6 +22,9 @@ class Hello(BaseModel):
     host: str = Field(default="", max_length=255)
     pid: int = Field(default=0, ge=0, lt=1 << 31)
     hook_version: str = Field(default="", max_length=64)
+    # Where the run keeps checkpoints and reads data: for listings, manifests and retention.
+    checkpoint_dir: str | None = Field(default=None, max_length=4096)
+    data_dir: str | None = Field(default=None, max_length=4096)
 
     @field_validator("run")
     @classmethod

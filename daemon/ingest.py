@@ -6,6 +6,10 @@ handed to the writer thread; the ACK goes back only after the writer has committ
 Memory is bounded by an in-flight byte budget: when the writer falls behind, connections
 stop being read, the hooks' acks slow down, and the hooks spool instead of the daemon
 buffering without end.
+
+Control: EVENT frames from a hook go to the playbook on the writer thread and are ACKed
+once stored; COMMAND frames go out to every connected rank of a run that has not
+acknowledged them, when the playbook makes one and when a rank connects.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from runwatch.daemon.config import Settings
 from runwatch.daemon.exporter import DaemonMetrics
 from runwatch.daemon.handshake import Hello, decode_hello
 from runwatch.daemon.live import LiveView
+from runwatch.daemon.playbook import Playbook
 from runwatch.daemon.protocol import Kind, ProtocolError
 from runwatch.daemon.store import StreamInfo
 from runwatch.daemon.writer import Done, Write, Writer
@@ -116,12 +121,15 @@ class Ingest:
         live: LiveView,
         metrics: DaemonMetrics,
         query: Query,
+        playbook: Playbook | None = None,
     ) -> None:
         self._settings = settings
         self._writer = writer
         self._live = live
         self._metrics = metrics
         self._query = query
+        self._playbook = playbook
+        self._hooks: dict[str, set[Connection]] = {}
         self._decoder = protocol.SamplesDecoder()
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -167,6 +175,18 @@ class Ingest:
         """Called by the writer thread after a commit; runs the callbacks on the loop."""
         self._loop.call_soon_threadsafe(self._deliver, results)
 
+    def deliver(self, run: str, commands: list[tuple[dict[str, Any], set[int]]]) -> None:
+        """Push commands to ``run``'s connected ranks (any thread)."""
+        self._loop.call_soon_threadsafe(self._send_commands, run, commands, None)
+
+    def _send_commands(self, run: str, commands: list[tuple[dict[str, Any], set[int]]],
+                       only: Connection | None) -> None:
+        for conn in [only] if only is not None else list(self._hooks.get(run, ())):
+            assert conn.stream is not None
+            for command, acked in commands:
+                if conn.stream.rank not in acked:
+                    conn.send(protocol.json_frame(Kind.COMMAND, command))
+
     def _deliver(self, results: list[tuple[Done, BaseException | None]]) -> None:
         for done, error in results:
             done(error)
@@ -199,6 +219,7 @@ class Ingest:
             self._tasks.discard(task)
             if conn.stream is not None:
                 self._live.connected(conn.stream.id, -1)
+                self._hooks.get(conn.stream.run, set()).discard(conn)
             if conn.role in ("hook", "cli"):
                 self._metrics.connections.labels(conn.role).dec()
             if not task.cancelled() and not task.cancelling():
@@ -304,6 +325,7 @@ class Ingest:
             )
 
         stream = await asyncio.wrap_future(self._writer.call(register))
+        playbook = self._playbook
         conn.stream = stream
         conn.name = f"{run}/rank {rank}"
         self._live.add_stream(stream)
@@ -311,6 +333,11 @@ class Ingest:
         conn.send(protocol.json_frame(Kind.WELCOME, self._welcome(stream=stream.id)))
         log.info("hook connected: run %s rank %d/%d pid %d uid %d host %s",
                  run, rank, hello.world_size, conn.peer.pid, uid, hello.host)
+        self._hooks.setdefault(run, set()).add(conn)
+        if playbook is not None:
+            pending = await asyncio.wrap_future(self._writer.call(
+                lambda _: playbook.connected(stream, hello.checkpoint_dir, hello.data_dir)))
+            self._send_commands(run, pending, conn)
         body_timeout = self._settings().handshake_timeout_seconds
         while True:
             # Reserve the frame's bytes in the in-flight budget before reading its body, so
@@ -322,9 +349,12 @@ class Ingest:
             await self._budget.acquire(size)
             try:
                 payload = await self._read_body(conn, size, body_timeout)
+                if kind == Kind.EVENT and playbook is not None:
+                    self._event(conn, stream, playbook, payload, size)
+                    continue
                 if kind != Kind.SAMPLES:
                     raise ProtocolError("unexpected",
-                                        f"a hook connection may send SAMPLES, not {kind.name}")
+                                        f"a hook connection may send SAMPLES or EVENT, not {kind.name}")
                 samples = self._decoder.decode(payload)
             except BaseException:
                 self._budget.release(size)
@@ -332,6 +362,26 @@ class Ingest:
             self._outstanding += 1
             self._all_acked.clear()
             self._writer.submit(Write(stream, samples, self._on_committed(conn, samples.seq, size)))
+
+    def _event(self, conn: Connection, stream: StreamInfo, playbook: Playbook, payload: bytes,
+               size: int) -> None:
+        """Hand an EVENT to the playbook (in order with the samples before it); ack once stored."""
+        seq, event = protocol.decode_event(payload)
+        self._outstanding += 1
+        self._all_acked.clear()
+        writer = self._writer
+        future = writer.call(lambda _: writer.record(playbook.hook_event(stream, seq, event)))
+        done = self._on_committed(conn, seq, size)
+        future.add_done_callback(lambda f: self._loop.call_soon_threadsafe(self._event_done, done, f))
+
+    def _event_done(self, done: Done, future: Any) -> None:
+        error = future.exception()
+        if error is not None:
+            log.error("storing a hook event failed: %s", error)
+        done(error)
+        for conn in self._acking:
+            conn.flush_acks()
+        self._acking.clear()
 
     def _on_committed(self, conn: Connection, seq: int, size: int) -> Done:
         def done(error: BaseException | None) -> None:

@@ -9,6 +9,13 @@ ERROR (JSON ``{"error": code, "detail": text}``) and closes. A hook then sends S
 frames and receives one ACK per frame once its points are committed to disk; a CLI
 client sends QUERY (JSON) and receives REPLY (JSON).
 
+The control channel rides on a hook's connection. The daemon sends COMMAND frames (JSON:
+``{"origin", "id", "action", "args", ...}``) whenever it has a command the rank has not
+acknowledged; the hook applies each once (by ``(origin, id)``) at a step boundary. The hook
+sends EVENT frames (``u64 seq | JSON``: a checkpoint saved, a command applied, a heartbeat
+while paused), ACKed by ``seq`` like SAMPLES once stored, and spooled like them while the
+daemon is away.
+
 A SAMPLES payload carries many steps and metrics at once, as dense blocks::
 
     u64 seq | u16 n_blocks | block*
@@ -35,6 +42,7 @@ import math
 import operator
 import re
 import struct
+import zlib
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -53,6 +61,15 @@ METRIC_KEY = re.compile(r"[a-z_][a-z0-9_]{0,99}(/[^\x00-\x1f\x7f]{1,128})?")
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,199}")
 
 
+def shard_id(shard: str | int) -> int:
+    """The number a data shard is known by in the daemon (``data_shard``): the shard itself
+    when it is a number (``17``, ``"00017"``), else a stable 31-bit CRC of its name."""
+    text = str(shard).strip()
+    if text.isdigit() and len(text) <= 15:
+        return int(text)
+    return zlib.crc32(text.encode()) & 0x7FFFFFFF
+
+
 class Kind(IntEnum):
     HELLO = 1
     WELCOME = 2
@@ -61,6 +78,8 @@ class Kind(IntEnum):
     ACK = 5
     QUERY = 6
     REPLY = 7
+    EVENT = 8
+    COMMAND = 9
 
 
 class ProtocolError(Exception):
@@ -111,6 +130,16 @@ def error_frame(code: str, detail: str) -> bytes:
 
 def ack_frame(seq: int) -> bytes:
     return frame(Kind.ACK, ACK.pack(seq))
+
+
+def event_frame(seq: int, obj: dict[str, Any]) -> bytes:
+    return frame(Kind.EVENT, ACK.pack(seq) + json.dumps(obj, separators=(",", ":")).encode())
+
+
+def decode_event(payload: bytes) -> tuple[int, dict[str, Any]]:
+    if len(payload) < ACK.size:
+        raise ProtocolError("malformed", "event frame shorter than its sequence number")
+    return ACK.unpack_from(payload)[0], decode_json(payload[ACK.size:])
 
 
 def encode_block(names: tuple[str, ...] | list[str], steps: Any, times: Any, values: Any) -> bytes:

@@ -28,6 +28,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from runwatch.daemon import __version__
+from runwatch.daemon import playbook as playbook_mod
 from runwatch.daemon import store as store_mod
 from runwatch.daemon.config import ConfigError, Settings
 from runwatch.daemon.exporter import (
@@ -43,6 +44,7 @@ from runwatch.daemon.hostio import HostIO
 from runwatch.daemon.ingest import Ingest
 from runwatch.daemon.live import LiveView
 from runwatch.daemon.notify.notifier import Notifier
+from runwatch.daemon.playbook import ControlRefused, Playbook
 from runwatch.daemon.protocol import Block, Samples
 from runwatch.daemon.rules.engine import Engine, Event, StreamRef
 from runwatch.daemon.rules.reload import RuleSource
@@ -139,7 +141,11 @@ class Daemon:
         writer = Writer(store, self.live, self.metrics, lambda results: ingest.notify(results),  # type: ignore[union-attr]
                         engine=self.engine, on_events=self.notifier.submit if self.notifier else None)
         self._writer = writer
-        ingest = Ingest(lambda: self.settings, writer, self.live, self.metrics, self.query)
+        self.playbook = playbook = Playbook(
+            store, lambda: self.settings.playbook, lambda run, cmds: ingest.deliver(run, cmds),  # type: ignore[union-attr]
+            self._last_step, self._firing_runs)
+        writer.playbook = playbook
+        ingest = Ingest(lambda: self.settings, writer, self.live, self.metrics, self.query, playbook)
         self._ingest = ingest
         writer.start()
         if self.engine is not None:
@@ -156,7 +162,7 @@ class Daemon:
             self.rules.load()
             lost = writer.call(lambda store: self._warm_rules(store, engine)).result()
             assert self.notifier is not None
-            self.notifier.start(firing=engine.active())
+            self.notifier.start(firing=engine.active() + list(playbook.escalations.values()))
             self.notifier.submit(lost)
         exporter = None
         try:
@@ -177,7 +183,7 @@ class Daemon:
             if self.rules is not None:
                 self.rules.watch()
             sampling = asyncio.create_task(self._start_sampler()) if s.sample_interval_seconds > 0 else None
-            ticker = asyncio.create_task(self._tick()) if self.engine is not None else None
+            ticker = asyncio.create_task(self._tick())
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -243,7 +249,19 @@ class Daemon:
         """Drive the clock-judged rules (``absent``) once a second."""
         while True:
             await asyncio.sleep(TICK_SECONDS)
-            self._writer.tick([st.info.id for st in self.live.snapshot() if st.connections > 0])
+            # A paused run sends no steps by design: that is not a stall.
+            paused = self.playbook.paused_runs
+            self._writer.tick([st.info.id for st in self.live.snapshot()
+                               if st.connections > 0 and st.info.run not in paused])
+
+    def _last_step(self, run: str) -> int:
+        return max((st.last_step for st in self.live.snapshot() if st.info.run == run), default=-1)
+
+    def _firing_runs(self) -> set[str]:
+        """Runs with a firing alert that would pause them (keeps an incident from resolving)."""
+        if self.engine is None:
+            return set()
+        return {e.run for e in self.engine.active() if set(e.actions) & playbook_mod.INTERVENTIONS}
 
     def _warm_rules(self, store: Store, engine: Engine) -> list[Event]:
         """Give baselines the last steps from the store, and take over the alerts the last daemon
@@ -263,10 +281,13 @@ class Daemon:
                 times = np.array([r[1] for r in batch])
                 engine.observe(ref, set_id, names, steps, times, values, now=float(times[-1]))
         engine.clear_firing()
+        open_alerts = [Event(**row) for row in store_mod.open_alerts(store.conn)]
+        self.playbook.restore(open_alerts)
         refs = {(info.run, info.rank): StreamRef(info.id, info.run, info.rank)
                 for info in store_mod.streams(store.conn)}
         now = time.time()
-        lost = engine.restore_firing([Event(**row) for row in store_mod.open_alerts(store.conn)], refs)
+        lost = engine.restore_firing(
+            [e for e in open_alerts if e.rule != playbook_mod.ESCALATION_RULE], refs)
         with store.conn:
             for e in lost:
                 why = (f"resolved: {e.rule} on {e.run} rank {e.rank}"
@@ -307,8 +328,45 @@ class Daemon:
             return self.rules_status()
         if op in ("silence_add", "silences", "silence_expire", "notifications"):
             return self.notifications(op, request)
+        if op == "control":
+            return self.control(request)
+        if op in ("incidents", "incident", "command", "checkpoints"):
+            return self.interventions(op, request)
         return {"error": f"unknown query op {op!r}; known: status, runs, alerts, rules, silences,"
-                         " silence_add, silence_expire, notifications"}
+                         " silence_add, silence_expire, notifications, control, incidents, incident,"
+                         " command, checkpoints"}
+
+    def control(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A person's pause/resume/rewind/skip_shard/dump_batch; the owner or root only."""
+        run, action, args = request.get("run"), request.get("action"), request.get("params") or {}
+        if not isinstance(run, str) or not isinstance(action, str) or not isinstance(args, dict):
+            return {"error": "control: give run (a name), action and params (an object)"}
+        uid = int(request["peer_uid"])
+        playbook = self.playbook
+        try:
+            return self._writer.call(lambda _: playbook.request(run, action, args, uid)).result(timeout=30)
+        except ControlRefused as exc:
+            self.metrics.control_refused.inc()
+            return {"error": str(exc)}
+
+    def interventions(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
+        conn = Store.reader(self.settings.store_path)
+        try:
+            if op == "incidents":
+                run = request.get("run")
+                return {"incidents": playbook_mod.incidents(conn, run if isinstance(run, str) else None,
+                                                            int(request.get("limit") or 50))}
+            if op == "checkpoints":
+                run = str(request.get("run"))
+                return {"run": run, "checkpoints": playbook_mod.checkpoints(conn, run),
+                        "control": playbook_mod.run_control(conn, run)}
+            key = request.get("id")
+            if not isinstance(key, int):
+                return {"error": f"{op}: id must be an integer"}
+            found = playbook_mod.incident(conn, key) if op == "incident" else playbook_mod.command(conn, key)
+            return {op: found} if found else {"error": f"no {op} with id {key}"}
+        finally:
+            conn.close()
 
     def notifications(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
         n = self.notifier
@@ -344,7 +402,8 @@ class Daemon:
     def alerts(self, limit: int = 50, run: str | None = None) -> dict[str, Any]:
         if self.engine is None:
             return {"enabled": False, "firing": [], "recent": []}
-        firing = sorted(self.engine.active(),
+        # Escalations are the playbook's alerts, not a rule series': both are firing.
+        firing = sorted(self.engine.active() + list(self.playbook.escalations.values()),
                         key=lambda e: (-SEVERITY_ORDER[e.severity], e.run, e.rank, e.rule))
         conn = Store.reader(self.settings.store_path)
         try:

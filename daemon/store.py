@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 import sqlite_utils
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class StoreError(Exception):
@@ -164,6 +164,49 @@ class Store:
                 "CREATE TABLE IF NOT EXISTS silences (id INTEGER PRIMARY KEY, matchers TEXT NOT NULL,"
                 " starts_at REAL NOT NULL, ends_at REAL NOT NULL, comment TEXT NOT NULL,"
                 " created_by TEXT NOT NULL)"
+            )
+            # Interventions (daemon/playbook.py): what runs said back (idempotent on their
+            # sequence numbers), commands to runs and each rank's acknowledgement, the
+            # checkpoints runs registered, incidents with their timelines, and each run's
+            # control state (paused, learning-rate scale, folders).
+            self.conn.execute(
+                "CREATE TABLE IF NOT EXISTS hook_events (id INTEGER PRIMARY KEY,"
+                " stream_id INTEGER NOT NULL REFERENCES streams(id), seq INTEGER NOT NULL,"
+                " time REAL NOT NULL, type TEXT NOT NULL, body TEXT NOT NULL, UNIQUE (stream_id, seq))"
+            )
+            self.conn.execute(
+                "CREATE TABLE IF NOT EXISTS commands (id INTEGER PRIMARY KEY, run TEXT NOT NULL,"
+                " action TEXT NOT NULL, args TEXT NOT NULL, created REAL NOT NULL, created_by TEXT NOT NULL,"
+                " incident_id INTEGER, state TEXT NOT NULL, step INTEGER, result TEXT, updated REAL NOT NULL)"
+            )
+            self.conn.execute("CREATE INDEX IF NOT EXISTS commands_run ON commands (run, state, id)")
+            self.conn.execute(
+                "CREATE TABLE IF NOT EXISTS command_acks ("
+                " command_id INTEGER NOT NULL REFERENCES commands(id), rank INTEGER NOT NULL,"
+                " step INTEGER, state TEXT NOT NULL, result TEXT, time REAL NOT NULL,"
+                " PRIMARY KEY (command_id, rank))"
+            )
+            self.conn.execute(
+                "CREATE TABLE IF NOT EXISTS checkpoints (id INTEGER PRIMARY KEY, run TEXT NOT NULL,"
+                " step INTEGER NOT NULL, path TEXT NOT NULL, format TEXT NOT NULL, size_bytes INTEGER,"
+                " saved_at REAL NOT NULL, registered REAL NOT NULL, UNIQUE (run, path))"
+            )
+            self.conn.execute(
+                "CREATE TABLE IF NOT EXISTS incidents (id INTEGER PRIMARY KEY, run TEXT NOT NULL,"
+                " opened REAL NOT NULL, updated REAL NOT NULL, state TEXT NOT NULL, rule TEXT NOT NULL,"
+                " rank INTEGER, metric TEXT, first_step INTEGER, rewinds INTEGER NOT NULL DEFAULT 0,"
+                " watch_from INTEGER, summary TEXT NOT NULL)"
+            )
+            self.conn.execute("CREATE INDEX IF NOT EXISTS incidents_run ON incidents (run, state)")
+            self.conn.execute(
+                "CREATE TABLE IF NOT EXISTS incident_events (id INTEGER PRIMARY KEY,"
+                " incident_id INTEGER NOT NULL REFERENCES incidents(id), time REAL NOT NULL,"
+                " kind TEXT NOT NULL, text TEXT NOT NULL, detail TEXT NOT NULL)"
+            )
+            self.conn.execute(
+                "CREATE TABLE IF NOT EXISTS run_control (run TEXT PRIMARY KEY, state TEXT NOT NULL,"
+                " step INTEGER, lr_scale REAL NOT NULL DEFAULT 1.0, heartbeat REAL,"
+                " checkpoint_dir TEXT, data_dir TEXT, updated REAL NOT NULL)"
             )
             db["meta"].upsert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
         for set_id, names in self.conn.execute("SELECT id, names FROM metric_sets"):

@@ -6,7 +6,8 @@ the commit is what makes "reached the daemon" mean "survives kill -9".
 
 After acknowledging, it hands the committed steps to the rules engine (one call per stream
 and metric set, however many frames the commit held, which is what keeps rules cheap under
-load) and stores the firings, resolutions and decisions that come out.
+load) and stores the firings, resolutions and decisions that come out; the playbook then acts on
+the firings that name interventions (pause, rewind, ...).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 
 from runwatch.daemon.exporter import DaemonMetrics
 from runwatch.daemon.live import LiveView
+from runwatch.daemon.playbook import Playbook
 from runwatch.daemon.protocol import Block, Samples
 from runwatch.daemon.rules.engine import Engine, Event, StreamRef
 from runwatch.daemon.store import Store, StreamInfo
@@ -69,6 +71,7 @@ class Writer:
         engine: Engine | None = None,
         on_events: Callable[[list[Event]], None] | None = None,
     ) -> None:
+        self.playbook: Playbook | None = None  # set once ingest exists (it delivers the commands)
         self.store = store
         self.engine = engine
         self.on_events = on_events
@@ -221,10 +224,14 @@ class Writer:
         self.record(events, now)
 
     def tick(self, connected: list[int]) -> None:
-        """Judge ``absent`` rules now (queued: runs on this thread, in order with the writes)."""
+        """Judge ``absent`` rules and the playbook's clock now (queued: runs on this thread, in
+        order with the writes)."""
         if self.engine is not None:
             engine = self.engine
             self.call(lambda store: self.guarded(lambda: self.record(engine.tick(time.time(), connected))))
+        if self.playbook is not None:
+            playbook = self.playbook
+            self.call(lambda store: self.guarded(lambda: self.record(playbook.tick())))
 
     def guarded(self, fn: Callable[[], Any]) -> None:
         """Run rule work queued to this thread; a failure is logged and counted, never raised."""
@@ -255,6 +262,14 @@ class Writer:
             log.error("could not store %d alert events (%s); they were logged above", len(events), exc)
         if self.on_events is not None:
             self.on_events(events)
+        if self.playbook is not None:
+            try:
+                more = self.playbook.on_alerts(events)
+            except Exception:
+                self.metrics.rule_errors.inc()
+                log.exception("the playbook failed on %d alert events; they are stored", len(events))
+                return
+            self.record(more, now)
 
 
 def _store_error_kind(exc: sqlite3.Error) -> str:

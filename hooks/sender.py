@@ -14,6 +14,10 @@ has, so a frame sent twice is harmless; a frame is forgotten only after its ACK.
 
 A spool left behind by a crashed process is replayed by the next watch of the same run
 and rank.
+
+Control: :meth:`Sender.put_event` queues a JSON event (delivered like samples: acked,
+spooled, replayed); COMMAND frames from the daemon are handed to ``on_command`` on this
+thread, which must only queue them (the training thread applies them at a step boundary).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import socket
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,7 +185,8 @@ class Sender:
         self.dropped_points = 0
         self.connected = False
         self.refused: str | None = None
-        self._queue: queue.Queue[Batch] = queue.Queue(maxsize=queue_batches)
+        self.on_command: Callable[[dict[str, Any]], None] | None = None
+        self._queue: queue.Queue[Batch | dict[str, Any]] = queue.Queue(maxsize=queue_batches)
         # seq -> frame, oldest first; a unique base so seqs never collide with a spool's.
         self._pending: OrderedDict[int, bytes] = OrderedDict()
         self._pending_bytes = 0
@@ -202,6 +208,13 @@ class Sender:
             self._queue.put_nowait(batch)
         except queue.Full:
             self.dropped_points += batch.n_points
+
+    def put_event(self, event: dict[str, Any]) -> None:
+        """Queue a control event (never blocks; dropped and logged if the queue is full)."""
+        try:
+            self._queue.put_nowait(event)
+        except queue.Full:
+            log.warning("runwatch: event %s dropped: the sender is stuck", event.get("type"))
 
     def flush(self, timeout: float) -> bool:
         """Wait until everything queued has been acknowledged (True) or the timeout passes."""
@@ -248,7 +261,11 @@ class Sender:
         except queue.Empty:
             return
         while True:
-            if self.refused is not None:
+            if isinstance(batch, dict):
+                if self.refused is None:
+                    self._seq += 1
+                    self._add_pending(protocol.event_frame(self._seq, batch))
+            elif self.refused is not None:
                 self.dropped_points += batch.n_points
             else:
                 for frame in self._frames(batch):
@@ -394,6 +411,10 @@ class Sender:
                 del self._rx[:end]
                 if kind == Kind.ACK:
                     self._acked(protocol.ACK.unpack(payload)[0])
+                elif kind == Kind.COMMAND:
+                    command = protocol.decode_json(payload)
+                    if self.on_command is not None:
+                        self.on_command(command)
                 elif kind == Kind.ERROR:
                     reply = protocol.decode_json(payload)
                     log.warning("runwatch: daemon closed the connection: %s: %s",
@@ -454,6 +475,8 @@ class Sender:
 
 
 def _frame_points(frame: bytes) -> int:
+    if frame[protocol.HEADER.size - 1] != Kind.SAMPLES:
+        return 0
     try:
         return protocol.SamplesDecoder().decode(frame[protocol.HEADER.size:]).n_points
     except protocol.ProtocolError:

@@ -26,7 +26,17 @@ hook, so the loop does not change. Per optimizer step it records (keys as sent):
 ``data_shard``, ``data_offset``  where the batch came from, when the loop calls ``batch()``
 ``guard_skipped``              1 when the spike guard refused the update, and
 ``guard_threshold``            the norm above which it would have
+``lr_scale``, ``rewinds``      after a rewind: the learning-rate factor in force and how
+                               many rewinds this process made
+``skipped_batches``            batches (and their ``skipped_samples``/``skipped_tokens``)
+                               ``watch.data`` dropped because a command said so
 =============================  ==========================================================
+
+Control (see :mod:`runwatch.hooks.control`): the daemon can pause the run before a step,
+resume it, rewind it to a checkpoint in ``checkpoint_dir`` with a lower learning rate, dump
+the last batches and skip a data shard. Step numbers keep counting forward through a
+rewind (they count optimizer steps taken; the checkpoint restores the scheduler's own
+counters), so every step the daemon stores stays unique.
 
 Where a host sync would creep in, and how this avoids it: device values are written with
 ``copy_``/``add_`` into a device buffer (see :mod:`runwatch.hooks.buffer`), never read with
@@ -50,7 +60,6 @@ import socket as socket_mod
 import sys
 import time
 import weakref
-import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -61,8 +70,12 @@ import numpy as np
 import torch
 
 from runwatch.daemon import paths, protocol
+from runwatch.daemon.checkpoints import Checkpoint, scan
+from runwatch.daemon.protocol import shard_id
 from runwatch.hooks import __version__
+from runwatch.hooks import checkpoint as ckpt_io
 from runwatch.hooks.buffer import StepBuffer
+from runwatch.hooks.control import Control, default_incident_dir
 from runwatch.hooks.guard import GuardMode, SpikeGuard, resolve_mode
 from runwatch.hooks.sender import Batch, Sender
 from runwatch.hooks.signals import Fingerprint, GradNorms, activation_norm, repeated_blocks, token_counts
@@ -124,14 +137,6 @@ def _default_run(world_size: int) -> str:
     return stem if world_size > 1 else f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def shard_id(shard: str | int) -> int:
-    """The number a shard is known by in the daemon (see :meth:`Watch.batch`)."""
-    text = str(shard).strip()
-    if text.isdigit() and len(text) <= 15:
-        return int(text)
-    return zlib.crc32(text.encode()) & 0x7FFFFFFF
-
-
 def safe_run_name(name: str | None) -> str | None:
     """A run name the daemon accepts, made from a free-form one (HF ``run_name`` is often a
     path such as ``meta-llama/Llama-3-8B``): other characters become ``-``."""
@@ -183,6 +188,11 @@ class Watch:
         capture_clip: bool = True,
         optimizer_pre_hook: bool = True,
         start_step: int = 0,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        scheduler: Any = None,
+        control_every: int = 8,
+        incident_dir: str | os.PathLike[str] | None = None,
+        data_dir: str | os.PathLike[str] | None = None,
         sender: Sender | None = None,
     ) -> None:
         if flush_every < 1:
@@ -199,6 +209,11 @@ class Watch:
         self.enabled = True
         self.step = start_step  # a resumed run continues its numbering; the daemon ignores repeats
         self.skipped_steps_requested = 0
+        self.checkpoint_dir = Path(checkpoint_dir).absolute() if checkpoint_dir else None
+        self.incident_dir = Path(incident_dir).absolute() if incident_dir else \
+            default_incident_dir(self.checkpoint_dir)
+        self.scheduler = scheduler
+        self.data_position = 0  # batches drawn through watch.data(), for checkpoints
         self.socket_path = paths.client_socket_path(socket)
         self.device = self._find_device(model, optimizer)
         self.guard_mode = resolve_mode(guard, optimizer)
@@ -244,12 +259,17 @@ class Watch:
             "host": socket_mod.gethostname(),
             "pid": os.getpid(),
             "hook_version": __version__,
+            "checkpoint_dir": str(self.checkpoint_dir) if self.checkpoint_dir else None,
+            "data_dir": str(Path(data_dir).absolute()) if data_dir else None,
         }
         spool = Path(spool_dir) if spool_dir else _spool_dir()
         self.sender = sender or Sender(
             self.socket_path, hello, spool / f"{self.run}.rank{self.rank}.spool",
             spool_max_bytes=spool_max_bytes,
         )
+        self.control = self._make_control(control_every)
+        self.sender.on_command = self.control.receive
+        self._apply_in_forward = model is not None
         self._handles: list[Any] = [optimizer.register_step_post_hook(self._after_step)]
         if optimizer_pre_hook:
             self._handles.append(optimizer.register_step_pre_hook(self._before_step))
@@ -267,6 +287,19 @@ class Watch:
         if self.guard_mode == "skip_sync":
             self._wrap_step_for_sync_skip()
         atexit.register(self.close)
+
+    def _make_control(self, every: int) -> Control:
+        dist = torch.distributed
+        if self.world_size > 1 and dist.is_available() and dist.is_initialized():
+            import datetime
+
+            # A CPU-only group for agreeing on commands (no GPU sync). Its short timeout turns a
+            # rank that stopped agreeing (monitoring failed there) into an error here, which
+            # switches monitoring off, instead of a hang of the training.
+            group = None if dist.get_backend() == "gloo" else dist.new_group(
+                backend="gloo", timeout=datetime.timedelta(seconds=120))
+            return Control(self, every, group, distributed=True)
+        return Control(self, every)
 
     @staticmethod
     def _find_device(model: torch.nn.Module | None, optimizer: torch.optim.Optimizer) -> torch.device:
@@ -391,6 +424,58 @@ class Watch:
         if offset is not None:
             self.buffer.put("data_offset", float(offset))
 
+    def checkpoint(self, **extra: Any) -> Checkpoint | None:
+        """Save model, optimizer, scheduler, RNG states, step and data position into
+        ``checkpoint_dir`` atomically and register it with the daemon. Under DDP rank 0
+        writes and the others return None (all ranks load it on a rewind). Waits for the
+        device (it copies the state): call it where you would save anyway."""
+        if self.checkpoint_dir is None:
+            raise ValueError("watch.checkpoint(): pass checkpoint_dir= to watch()")
+        if self.rank != 0:
+            return None
+        saved = ckpt_io.save(self.checkpoint_dir, self.step, model=_unwrap(self.model),
+                             optimizer=self.optimizer, scheduler=self.scheduler,
+                             data_position={"batches": self.data_position},
+                             extra={"lr_scale": self.control.lr_scale, "rewinds": self.control.rewinds,
+                                    **extra})
+        self._register(saved)
+        return saved
+
+    def register_checkpoint(self, path: str | os.PathLike[str]) -> Checkpoint | None:
+        """Tell the daemon about a checkpoint the framework saved (HF ``checkpoint-N/``, a
+        Lightning ``.ckpt``, a DCP folder); returns it, or None when it is not complete."""
+        target = Path(path).absolute()
+        found = [c for c in scan(target.parent) if c.path.absolute() == target and c.complete]
+        if not found:
+            log.warning("runwatch: %s is not a complete checkpoint runwatch recognises", target)
+            return None
+        self._register(found[0])
+        return found[0]
+
+    def _register(self, c: Checkpoint) -> None:
+        self.sender.put_event({"type": "checkpoint", "step": c.step, "path": str(c.path), "format": c.format,
+                               "size_bytes": c.size_bytes, "saved_at": c.saved_at})
+
+    def data(self, batches: Any, shard: Callable[[Any], Any] | None = None, start: int = 0) -> Any:
+        """Iterate ``batches``, dropping (and counting) those a command says to skip: the
+        batches right after a rewind, or a shard told to be skipped (``shard(batch)`` names a
+        batch's shard). ``start``: batches to pass over first, e.g. a resume plan's
+        ``data_position``."""
+        for i, batch in enumerate(batches):
+            self.data_position += 1
+            if i < start or self.control.should_skip(batch, shard(batch) if shard else None):
+                continue
+            yield batch
+
+    @property
+    def paused(self) -> bool:
+        return self.control.paused
+
+    @property
+    def lr_scale(self) -> float:
+        """The learning-rate factor rewinds put in force (1.0: none)."""
+        return self.control.lr_scale
+
     def recent_batches(self) -> list[RecentBatch]:
         """The last ``keep_batches`` training batches, oldest first (held by reference)."""
         return list(self._recent)
@@ -463,6 +548,7 @@ class Watch:
             self._inputs(args, kwargs)
 
     def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self._step_start()
         counts = token_counts(args, kwargs, self.ignore_index, self.pad_id)
         if counts is not None:
             useful, total, samples = counts
@@ -474,6 +560,19 @@ class Watch:
             self.buffer.set("batch_fingerprint", self._fingerprint(ids))
         if self._keep_batches:
             self._recent.append(RecentBatch(self.step, args, kwargs, self._shard, self._offset))
+
+    def _step_start(self) -> None:
+        """Apply agreed commands before the step's first forward (a no-op unless one is due).
+        Time spent paused is not the hook's time, nor the step's."""
+        control = self.control
+        if not control.agreed and not control.paused:
+            return
+        before = control.paused_seconds
+        control.at_step_start()
+        paused = control.paused_seconds - before
+        self._hook_seconds -= paused
+        if self._last_step_end is not None:
+            self._last_step_end += paused
 
     @_guarded
     def _after_forward(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
@@ -602,11 +701,22 @@ class Watch:
         # the next step's figure: the sum over a run is exact, each step's is off by one call.
         buf.put("hook_seconds", self._hook_seconds)
         self._hook_seconds = 0.0
+        control = self.control
+        if control.rewinds:
+            buf.put("lr_scale", control.lr_scale)
+            buf.put("rewinds", control.rewinds)
+        if control.skipped.batches:
+            buf.put("skipped_batches", control.skipped.batches)
+            buf.put("skipped_samples", control.skipped.samples)
+            buf.put("skipped_tokens", control.skipped.tokens)
         step = self.step
         self.step += 1
         if buf.end_step(step, time.time()):
             buf.flush()
         buf.drain(wait=False)
+        control.at_step_end(step)
+        if not self._apply_in_forward:
+            self._step_start()
 
     # -- emitting ----------------------------------------------------------------------
 

@@ -38,7 +38,11 @@ CATALOG: dict[str, tuple[str, str, int, list[str]]] = {
 @pytest.fixture(scope="module")
 def pack_daemon() -> Iterator[DaemonProcess]:
     root = short_tmpdir()
-    d = DaemonProcess(root).start()
+    # Detection only: these runs save no checkpoints, so the playbook would pause them for a
+    # person. What it does is tests/test_interventions.py's subject.
+    config = root / "runwatch.toml"
+    config.write_text("[playbook]\nenabled = false\n")
+    d = DaemonProcess(root, ["--config", str(config)]).start()
     yield d
     d.terminate()
 

@@ -1,0 +1,549 @@
+"""The intervention playbook: commands to runs, what runs answer, incidents and their timelines.
+
+It runs on the writer thread, which owns the store, so every decision and its record are
+written in one place and survive a restart. Three things drive it:
+
+- rule firings whose actions name an intervention (:meth:`Playbook.on_alerts`);
+- events a run sends back (:meth:`Playbook.hook_event`): a checkpoint saved, a command
+  applied or failed, a heartbeat while paused;
+- people (:meth:`Playbook.request`, from ``runwatch pause|resume|rewind|skip-shard``):
+  the run's owner or root only, checked against the connection's peer credentials.
+
+A command is stored, then pushed to every connected rank of its run that has not
+acknowledged it (again on every reconnect, so a daemon restart loses none); the hook applies
+each ``(origin, id)`` once, at a step boundary agreed by all ranks, and acknowledges it.
+
+What happens when a rule fires is one readable table, :func:`decide`, with a named reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+from runwatch.daemon.config import Playbook as PlaybookConfig
+from runwatch.daemon.rules.engine import Event
+from runwatch.daemon.store import Store, StreamInfo
+
+log = logging.getLogger("runwatch.playbook")
+
+ESCALATION_RULE = "playbook_escalation"
+ACTIONS = ("pause", "resume", "rewind", "dump_batch", "skip_shard")
+#: Rule actions the playbook acts on (``alert`` is the notifier's).
+INTERVENTIONS = frozenset({"pause", "rewind", "dump_batch", "skip_shard", "escalate"})
+#: Unapplied commands older than this are not pushed to a run that connects later.
+COMMAND_TTL_SECONDS = 24 * 3600.0
+
+
+class Reason(StrEnum):
+    """Why :func:`decide` chose what it chose (written into the incident's timeline)."""
+
+    NEW_INCIDENT_REWIND = "paused; rewinding to the last clean checkpoint"
+    NEW_INCIDENT_HOLD = "paused; automatic rewind is off: waiting for a person"
+    RECURRED_REWIND = "the fault came back after a rewind; rewinding again with a lower learning rate"
+    RECURRED_TOO_OFTEN = ("the fault came back after {rewinds} rewinds: likely numerical or "
+                          "architectural; review before resuming")
+    RULE_ESCALATES = "the rule escalates at once; staying paused for a person"
+    ALREADY_HANDLING = "already paused for this incident; noted"
+    DATA_ONLY = "data action; training continues"
+
+
+@dataclass
+class Incident:
+    id: int
+    run: str
+    state: str  # paused | rewinding | watching | escalated | resolved
+    rule: str
+    first_step: int
+    rewinds: int
+    watch_from: int | None
+
+
+@dataclass
+class Decision:
+    commands: list[str]
+    state: str
+    reason: Reason
+    escalate: bool = False
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+def decide(incident: Incident | None, actions: set[str], cfg: PlaybookConfig) -> Decision:
+    """What to do when a firing names ``actions`` on a run with ``incident`` open (or none).
+
+    ============================  ==========================  ==========================
+    open incident                 rule names                  then
+    ============================  ==========================  ==========================
+    none                          escalate                    pause; escalate
+    none                          pause or rewind             pause, dump, rewind (auto)
+                                                              or pause and wait (manual)
+    none                          only dump/skip_shard        those; keep training
+    watching (after a rewind)     pause or rewind             rewind again, or escalate
+                                                              after ``max_rewinds``
+    paused/rewinding/escalated    anything                    note it; nothing new
+    ============================  ==========================  ==========================
+    """
+    dump = ["dump_batch"] if "dump_batch" in actions else []
+    skip = ["skip_shard"] if "skip_shard" in actions else []
+    stops = bool(actions & {"pause", "rewind", "escalate"})
+    if incident is not None and incident.state in ("paused", "rewinding", "escalated"):
+        return Decision([], incident.state, Reason.ALREADY_HANDLING)
+    if not stops:
+        return Decision(dump + skip, incident.state if incident else "watching", Reason.DATA_ONLY)
+    if "escalate" in actions:
+        return Decision(["pause", *dump], "escalated", Reason.RULE_ESCALATES, escalate=True)
+    if incident is None:
+        if "rewind" in actions or cfg.auto_rewind:
+            return Decision(["pause", *dump, "rewind", *skip], "rewinding", Reason.NEW_INCIDENT_REWIND)
+        return Decision(["pause", *dump, *skip], "paused", Reason.NEW_INCIDENT_HOLD)
+    if incident.rewinds >= cfg.max_rewinds:
+        return Decision(["pause", *dump], "escalated", Reason.RECURRED_TOO_OFTEN, escalate=True,
+                        fields={"rewinds": incident.rewinds})
+    return Decision(["pause", *dump, "rewind", *skip], "rewinding", Reason.RECURRED_REWIND)
+
+
+class ControlRefused(Exception):
+    """A person's command the daemon will not send; the message says why."""
+
+
+class Playbook:
+    """Per-run interventions. Writer thread only, except where a method says otherwise."""
+
+    def __init__(
+        self,
+        store: Store,
+        config: Callable[[], PlaybookConfig],
+        deliver: Callable[[str, list[tuple[dict[str, Any], set[int]]]], None],
+        last_step: Callable[[str], int],
+        firing_runs: Callable[[], set[str]],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.conn = store.conn
+        self.config = config
+        self.deliver = deliver
+        self.last_step = last_step
+        self.firing_runs = firing_runs
+        self.clock = clock
+        self.origin = socket.gethostname()
+        self.escalations: dict[str, Event] = {}
+        #: Runs paused now; read by the service's clock (replaced whole, never mutated).
+        self.paused_runs: frozenset[str] = frozenset(
+            r for (r,) in self.conn.execute("SELECT run FROM run_control WHERE state = 'paused'"))
+
+    # -- reading state ----------------------------------------------------------------
+
+    def open_incident(self, run: str) -> Incident | None:
+        row = self.conn.execute(
+            "SELECT id, run, state, rule, first_step, rewinds, watch_from FROM incidents"
+            " WHERE run = ? AND state != 'resolved' ORDER BY id DESC LIMIT 1", (run,)).fetchone()
+        return Incident(*row) if row else None
+
+    def pending(self, run: str) -> list[tuple[dict[str, Any], set[int]]]:
+        """Commands of ``run`` still to push, each with the ranks that acknowledged it."""
+        rows = self.conn.execute(
+            "SELECT id, action, args, incident_id, created FROM commands WHERE run = ? AND created >= ?"
+            " ORDER BY id", (run, self.clock() - COMMAND_TTL_SECONDS)).fetchall()
+        acks: dict[int, set[int]] = {}
+        if rows:
+            for cid, rank in self.conn.execute(
+                    "SELECT command_id, rank FROM command_acks WHERE command_id >= ?", (rows[0][0],)):
+                acks.setdefault(cid, set()).add(rank)
+        return [({"origin": self.origin, "id": cid, "run": run, "action": action, "args": json.loads(args),
+                  "incident": incident, "created": created}, acks.get(cid, set()))
+                for cid, action, args, incident, created in rows]
+
+    def connected(self, stream: StreamInfo, checkpoint_dir: str | None,
+                  data_dir: str | None) -> list[tuple[dict[str, Any], set[int]]]:
+        """A rank connected: note its folders; returns the commands to push to it."""
+        with self.conn:
+            self._run_control(stream.run)
+            if checkpoint_dir or data_dir:
+                self._run_control(stream.run, checkpoint_dir=checkpoint_dir, data_dir=data_dir)
+        return self.pending(stream.run)
+
+    def restore(self, open_alerts: list[Event]) -> None:
+        """Take over escalations a previous daemon left firing."""
+        for e in open_alerts:
+            if e.rule == ESCALATION_RULE:
+                self.escalations[e.run] = e
+
+    # -- writing state ------------------------------------------------------------------
+
+    def _timeline(self, incident_id: int, kind: str, text: str, **detail: Any) -> None:
+        now = self.clock()
+        self.conn.execute("INSERT INTO incident_events (incident_id, time, kind, text, detail)"
+                          " VALUES (?, ?, ?, ?, ?)", (incident_id, now, kind, text, json.dumps(detail)))
+        self.conn.execute("UPDATE incidents SET updated = ? WHERE id = ?", (now, incident_id))
+        log.info("incident %d: %s: %s", incident_id, kind, text)
+
+    def _set_incident(self, incident_id: int, **values: Any) -> None:
+        sets = ", ".join(f"{k} = ?" for k in values)
+        self.conn.execute(f"UPDATE incidents SET {sets}, updated = ? WHERE id = ?",
+                          (*values.values(), self.clock(), incident_id))
+
+    def _open(self, run: str, rule: str, rank: int | None, metric: str | None, step: int,
+              summary: str) -> Incident:
+        now = self.clock()
+        cur = self.conn.execute(
+            "INSERT INTO incidents (run, opened, updated, state, rule, rank, metric, first_step, summary)"
+            " VALUES (?, ?, ?, 'open', ?, ?, ?, ?, ?)", (run, now, now, rule, rank, metric, step, summary))
+        return Incident(int(cur.lastrowid or 0), run, "open", rule, step, 0, None)
+
+    def _command(self, run: str, action: str, args: dict[str, Any], by: str,
+                 incident_id: int | None) -> int:
+        now = self.clock()
+        cur = self.conn.execute(
+            "INSERT INTO commands (run, action, args, created, created_by, incident_id, state, updated)"
+            " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?)",
+            (run, action, json.dumps(args), now, by, incident_id, now))
+        cid = int(cur.lastrowid or 0)
+        if incident_id is not None:
+            shown = ", ".join(f"{k}={v}" for k, v in args.items())
+            self._timeline(incident_id, "command", f"{action}({shown}) sent by {by}", command=cid,
+                           action=action, args=args)
+        return cid
+
+    def _run_control(self, run: str, **values: Any) -> None:
+        now = self.clock()
+        self.conn.execute("INSERT INTO run_control (run, state, updated) VALUES (?, 'running', ?)"
+                          " ON CONFLICT (run) DO NOTHING", (run, now))
+        if values:
+            sets = ", ".join(f"{k} = ?" for k in values)
+            self.conn.execute(f"UPDATE run_control SET {sets}, updated = ? WHERE run = ?",
+                              (*values.values(), now, run))
+        if values.get("state") == "paused":
+            self.paused_runs = self.paused_runs | {run}
+        elif "state" in values:
+            self.paused_runs = self.paused_runs - {run}
+
+    def rewind_args(self, run: str, before_step: int, lr_scale: float, skip: int) -> dict[str, Any] | None:
+        """A rewind to the newest checkpoint the run registered before ``before_step``, or None."""
+        row = self.conn.execute(
+            "SELECT step FROM checkpoints WHERE run = ? AND step < ? ORDER BY step DESC LIMIT 1",
+            (run, before_step)).fetchone()
+        if row is None:
+            return None
+        return {"to": int(row[0]), "before_step": before_step, "lr_scale": lr_scale,
+                "skip_batches": skip, "resume": True}
+
+    # -- rule firings ------------------------------------------------------------------
+
+    def on_alerts(self, events: list[Event]) -> list[Event]:
+        """Act on firings that name interventions; returns escalation alerts to record."""
+        out: list[Event] = []
+        if not self.config().enabled:
+            return out
+        with self.conn:
+            for e in events:
+                actions = set(e.actions) & INTERVENTIONS
+                if e.state != "firing" or not actions or e.rule == ESCALATION_RULE:
+                    continue
+                out += self._act(e, actions)
+        if out or events:
+            self._push_touched({e.run for e in events})
+        return out
+
+    def _act(self, e: Event, actions: set[str]) -> list[Event]:
+        cfg = self.config()
+        incident = self.open_incident(e.run)
+        decision = decide(incident, actions, cfg)
+        if incident is None:
+            incident = self._open(e.run, e.rule, e.rank, e.metric, e.step, e.summary)
+        value = e.value if math.isfinite(e.value) else str(e.value)
+        self._timeline(incident.id, "alert", f"{e.rule} fired on rank {e.rank} at step {e.step}: {e.summary}",
+                       rule=e.rule, rank=e.rank, step=e.step, metric=e.metric, value=value,
+                       baseline=e.baseline if math.isfinite(e.baseline) else None, shard=e.shard)
+        reason = decision.reason.format(**decision.fields) if decision.fields else str(decision.reason)
+        self._timeline(incident.id, "decision", reason, commands=decision.commands, state=decision.state)
+        escalate = decision.escalate
+        for action in decision.commands:
+            args: dict[str, Any] = {}
+            if action == "rewind":
+                found = self.rewind_args(e.run, e.step, cfg.lr_scale, cfg.skip_batches)
+                if found is None:
+                    reason = (f"no checkpoint registered before step {e.step}: nothing to rewind to;"
+                              " staying paused for a person")
+                    self._timeline(incident.id, "decision", reason)
+                    decision.state, escalate = "escalated", True
+                    continue
+                args = found
+            elif action == "skip_shard":
+                if e.shard is None:
+                    self._timeline(incident.id, "decision", "skip_shard: the alert names no shard")
+                    continue
+                args = {"shard": int(e.shard)}
+            elif action == "dump_batch":
+                args = {"incident": incident.id}
+            self._command(e.run, action, args, f"rule {e.rule}", incident.id)
+        self._set_incident(incident.id, state=decision.state)
+        # The rule's decisions (stored with its firing) now belong to this incident.
+        self.conn.execute("UPDATE decisions SET status = ? WHERE rule = ? AND run = ? AND rank = ?"
+                          " AND step = ? AND status = 'pending'",
+                          (f"incident {incident.id}", e.rule, e.run, e.rank, e.step))
+        if not escalate:
+            return []
+        text = (reason if decision.reason is not Reason.ALREADY_HANDLING
+                else "the run is paused and needs a person")
+        return [self._escalation(e, incident.id, text)]
+
+    def _escalation(self, cause: Event, incident_id: int, text: str) -> Event:
+        summary = f"run {cause.run} paused at step {cause.step} (incident {incident_id}): {text}"
+        event = Event(rule=ESCALATION_RULE, version="playbook", severity="critical", state="firing",
+                      run=cause.run, rank=cause.rank, metric=cause.metric, step=cause.step,
+                      sample_time=cause.sample_time, value=cause.value, baseline=cause.baseline,
+                      window=cause.window, summary=summary, actions=("alert",),
+                      labels={"incident": str(incident_id)}, shard=cause.shard)
+        self.escalations[cause.run] = event
+        self._timeline(incident_id, "escalated", summary)
+        return event
+
+    def _end_escalation(self, run: str, why: str) -> list[Event]:
+        e = self.escalations.pop(run, None)
+        if e is None:
+            return []
+        return [replace(e, state="resolved", summary=f"{e.summary} [{why}]")]
+
+    # -- what runs say ----------------------------------------------------------------
+
+    def hook_event(self, stream: StreamInfo, seq: int, event: dict[str, Any]) -> list[Event]:
+        """Store an event a hook sent (once per ``seq``) and act on it; returns alerts to record."""
+        kind = str(event.get("type", ""))
+        now = self.clock()
+        if kind == "heartbeat":
+            with self.conn:
+                self._run_control(stream.run, heartbeat=now)
+            return []
+        with self.conn:
+            cur = self.conn.execute(
+                "INSERT OR IGNORE INTO hook_events (stream_id, seq, time, type, body) VALUES (?, ?, ?, ?, ?)",
+                (stream.id, seq, now, kind, json.dumps(event)))
+            if not cur.rowcount:
+                return []  # a replay of an event already handled
+            try:
+                if kind == "checkpoint":
+                    self._checkpoint(stream, event)
+                elif kind == "command":
+                    return self._applied(stream, event)
+                else:
+                    log.info("run %s rank %d sent an event of unknown type %r; stored",
+                             stream.run, stream.rank, kind)
+            except (KeyError, TypeError, ValueError) as exc:
+                # Stored as sent, acted on never: a hook bug must not take the connection down.
+                log.warning("run %s rank %d: malformed %s event (%r); stored, not acted on",
+                            stream.run, stream.rank, kind, exc)
+        return []
+
+    def _checkpoint(self, stream: StreamInfo, e: dict[str, Any]) -> None:
+        self.conn.execute(
+            "INSERT INTO checkpoints (run, step, path, format, size_bytes, saved_at, registered)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run, path) DO UPDATE SET step = excluded.step,"
+            " size_bytes = excluded.size_bytes, saved_at = excluded.saved_at",
+            (stream.run, int(e["step"]), str(e["path"]), str(e.get("format", "runwatch")),
+             int(e.get("size_bytes") or 0), float(e.get("saved_at") or self.clock()), self.clock()))
+
+    def _applied(self, stream: StreamInfo, e: dict[str, Any]) -> list[Event]:
+        if e.get("origin") != self.origin:
+            return []  # another node's daemon sent it (ranks agree on commands across nodes)
+        cid, state, step = int(e["id"]), str(e.get("state")), e.get("step")
+        result = e.get("result") or {}
+        if state != "applied":
+            result = {**result, "detail": str(e.get("detail") or "no detail")}
+        row = self.conn.execute("SELECT action, state, incident_id, run FROM commands WHERE id = ?",
+                                (cid,)).fetchone()
+        if row is None or row[3] != stream.run:
+            return []
+        action, before, incident_id, run = row
+        self.conn.execute(
+            "INSERT OR REPLACE INTO command_acks (command_id, rank, step, state, result, time)"
+            " VALUES (?, ?, ?, ?, ?, ?)", (cid, stream.rank, step, state, json.dumps(result), self.clock()))
+        if before != "pending":
+            return []  # the first rank's answer tells the story; the others are in command_acks
+        self.conn.execute("UPDATE commands SET state = ?, step = ?, result = ?, updated = ? WHERE id = ?",
+                          (state, step, json.dumps(result), self.clock(), cid))
+        where = f"rank {stream.rank}"
+        out: list[Event] = []
+        if state != "applied":
+            detail = e.get("detail") or "no detail"
+            if incident_id is not None:
+                self._timeline(incident_id, "failed", f"{action} failed on {where}: {detail}",
+                               command=cid, step=step)
+            if action == "rewind" and incident_id is not None:
+                self._set_incident(incident_id, state="escalated")
+                fake = self._synthetic(run, stream.rank, step)
+                out.append(self._escalation(fake, incident_id, f"rewind failed: {detail}"))
+            return out
+        if action == "pause":
+            self._run_control(run, state="paused", step=step)
+            text = f"paused before step {step} on every rank (first to answer: {where})"
+        elif action == "resume":
+            self._run_control(run, state="running", step=step)
+            text = f"resumed at step {step}"
+            incident = self.open_incident(run)
+            if incident is not None and incident.state in ("paused", "escalated"):
+                self._set_incident(incident.id, state="watching", watch_from=step)
+            out += self._end_escalation(run, f"resumed by a person at step {step}")
+        elif action == "rewind":
+            self._run_control(run, state="running" if result.get("resumed") else "paused", step=step,
+                              lr_scale=float(result.get("lr_scale", 1.0)))
+            text = (f"rewound to the checkpoint of step {result.get('checkpoint_step')}"
+                    f" ({result.get('checkpoint')}); learning rate now x{result.get('lr_scale')} of the"
+                    f" original; {result.get('skipped_batches', 0)} batches skipped beyond those since"
+                    f" the checkpoint; {'resumed' if result.get('resumed') else 'still paused'}"
+                    f" at step {step}")
+            for refused in result.get("refused", []):
+                text += f"; refused {refused}"
+            if incident_id is not None:
+                self.conn.execute("UPDATE incidents SET rewinds = rewinds + 1 WHERE id = ?", (incident_id,))
+                self._set_incident(incident_id, state="watching", watch_from=step)
+            out += self._end_escalation(run, f"rewound at step {step}")
+        elif action == "dump_batch":
+            text = f"dumped {result.get('batches', 0)} batches to {result.get('path')}"
+        elif action == "skip_shard":
+            text = f"skipping shard {result.get('shard')} from step {step}"
+        else:
+            text = f"{action} applied at step {step}"
+        if incident_id is not None:
+            self._timeline(incident_id, "applied", text, command=cid, step=step, result=result)
+        return out
+
+    def _synthetic(self, run: str, rank: int, step: Any) -> Event:
+        return Event(rule=ESCALATION_RULE, version="playbook", severity="critical", state="firing",
+                     run=run, rank=rank, metric="", step=int(step or 0), sample_time=self.clock(),
+                     value=math.nan, baseline=math.nan, window="", summary="", actions=("alert",))
+
+    # -- people ------------------------------------------------------------------------
+
+    def request(self, run: str, action: str, args: dict[str, Any], uid: int) -> dict[str, Any]:
+        """A person's command; refused unless ``uid`` owns the run or is root."""
+        if action not in ACTIONS:
+            raise ControlRefused(f"unknown action {action!r}; known: {', '.join(ACTIONS)}")
+        owner = self.conn.execute("SELECT owner_uid FROM runs WHERE name = ?", (run,)).fetchone()
+        if owner is None:
+            raise ControlRefused(f"no run named {run!r}")
+        if uid != 0 and uid != owner[0]:
+            log.warning("control refused: uid %d asked to %s run %s, which belongs to uid %d",
+                        uid, action, run, owner[0])
+            raise ControlRefused(f"run {run!r} belongs to uid {owner[0]}; only its owner or root may "
+                                 f"{action} it (you are uid {uid})")
+        clean = self._validate(run, action, args)
+        with self.conn:
+            incident = self.open_incident(run)
+            if incident is None and action in ("pause", "rewind", "skip_shard"):
+                incident = self._open(run, "person", None, None, self.last_step(run),
+                                      f"{action} requested by uid {uid}")
+                self._set_incident(incident.id, state="paused" if action == "pause" else "watching")
+            cid = self._command(run, action, clean, f"uid {uid}", incident.id if incident else None)
+        self._push_touched({run})
+        return {"command": cid, "incident": incident.id if incident else None, "args": clean}
+
+    def _validate(self, run: str, action: str, args: dict[str, Any]) -> dict[str, Any]:
+        if action == "rewind":
+            to = args.get("to", "last_clean")
+            lr_scale = args.get("lr_scale", self.config().lr_scale)
+            skip = args.get("skip_batches", 0)
+            if not (to == "last_clean" or (isinstance(to, int) and to >= 0)):
+                raise ControlRefused(f"--to: a step number or last_clean, not {to!r}")
+            if not isinstance(lr_scale, int | float) or not 0 < lr_scale <= 10:
+                raise ControlRefused(f"--lr-scale: a factor above 0 and at most 10, not {lr_scale!r}")
+            if not isinstance(skip, int) or skip < 0:
+                raise ControlRefused(f"--skip: a number of batches (0 or more), not {skip!r}")
+            steps = [r[0] for r in self.conn.execute(
+                "SELECT step FROM checkpoints WHERE run = ? ORDER BY step", (run,))]
+            if isinstance(to, int) and steps and to not in steps:
+                raise ControlRefused(f"run {run!r} registered no checkpoint at step {to}; it has: "
+                                     + ", ".join(map(str, steps[-20:])))
+            resume = bool(args.get("resume", True))
+            return {"to": to, "lr_scale": float(lr_scale), "skip_batches": skip, "resume": resume}
+        if action == "skip_shard":
+            shard = args.get("shard")
+            if not isinstance(shard, int | str) or str(shard) == "":
+                raise ControlRefused("skip-shard: name a shard")
+            return {"shard": shard}
+        return {}
+
+    # -- the clock ---------------------------------------------------------------------
+
+    def tick(self) -> list[Event]:
+        """Resolve incidents whose run stayed healthy ``watch_steps`` after a rewind or resume."""
+        cfg = self.config()
+        firing = self.firing_runs()
+        rows = self.conn.execute("SELECT id, run, watch_from FROM incidents WHERE state = 'watching'"
+                                 " AND watch_from IS NOT NULL").fetchall()
+        with self.conn:
+            for incident_id, run, watch_from in rows:
+                if run in firing or self.last_step(run) < watch_from + cfg.watch_steps:
+                    continue
+                self._timeline(incident_id, "resolved",
+                               f"healthy for {cfg.watch_steps} steps since step {watch_from}; resolved")
+                self._set_incident(incident_id, state="resolved")
+        return []
+
+    def _push_touched(self, runs: set[str]) -> None:
+        for run in runs:
+            pending = self.pending(run)
+            if pending:
+                self.deliver(run, pending)
+
+
+# -- reads for the CLI (any thread, own connection) -------------------------------------------
+
+
+def incidents(conn: Any, run: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+    where, args = ("WHERE run = ?", [run]) if run else ("", [])
+    cur = conn.execute(f"SELECT id, run, state, rule, rank, metric, first_step, rewinds, opened, updated,"
+                       f" summary FROM incidents {where} ORDER BY id DESC LIMIT ?", (*args, limit))
+    keys = [d[0] for d in cur.description]
+    return [dict(zip(keys, row, strict=True)) for row in cur.fetchall()]
+
+
+def incident(conn: Any, incident_id: int) -> dict[str, Any] | None:
+    found = conn.execute("SELECT run FROM incidents WHERE id = ?", (incident_id,)).fetchone()
+    if found is None:
+        return None
+    head = next(i for i in incidents(conn, found[0], limit=1_000_000) if i["id"] == incident_id)
+    head["timeline"] = [
+        {"time": t, "kind": k, "text": text, "detail": json.loads(d)}
+        for t, k, text, d in conn.execute(
+            "SELECT time, kind, text, detail FROM incident_events WHERE incident_id = ? ORDER BY id",
+            (incident_id,))]
+    head["commands"] = [
+        {"id": cid, "action": a, "args": json.loads(args), "state": s, "step": step,
+         "created_by": by, "result": json.loads(r) if r else None}
+        for cid, a, args, s, step, by, r in conn.execute(
+            "SELECT id, action, args, state, step, created_by, result FROM commands"
+            " WHERE incident_id = ? ORDER BY id", (incident_id,))]
+    return head
+
+
+def command(conn: Any, command_id: int) -> dict[str, Any] | None:
+    row = conn.execute("SELECT id, run, action, args, state, step, result, created_by FROM commands"
+                       " WHERE id = ?", (command_id,)).fetchone()
+    if row is None:
+        return None
+    cid, run, action, args, state, step, result, by = row
+    acks = [{"rank": r, "state": s, "step": st} for r, s, st in conn.execute(
+        "SELECT rank, state, step FROM command_acks WHERE command_id = ? ORDER BY rank", (cid,))]
+    return {"id": cid, "run": run, "action": action, "args": json.loads(args), "state": state, "step": step,
+            "result": json.loads(result) if result else None, "created_by": by, "acks": acks}
+
+
+def checkpoints(conn: Any, run: str) -> list[dict[str, Any]]:
+    cur = conn.execute("SELECT step, path, format, size_bytes, saved_at, registered FROM checkpoints"
+                       " WHERE run = ? ORDER BY step", (run,))
+    keys = [d[0] for d in cur.description]
+    return [dict(zip(keys, row, strict=True)) for row in cur.fetchall()]
+
+
+def run_control(conn: Any, run: str) -> dict[str, Any] | None:
+    cur = conn.execute("SELECT run, state, step, lr_scale, heartbeat, checkpoint_dir, data_dir, updated"
+                       " FROM run_control WHERE run = ?", (run,))
+    row = cur.fetchone()
+    return dict(zip([d[0] for d in cur.description], row, strict=True)) if row else None

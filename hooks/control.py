@@ -1,0 +1,337 @@
+"""Commands from the daemon, applied at a step boundary, at the same step on every rank.
+
+The sender thread hands each COMMAND to :meth:`Control.receive`, which only queues it. The
+training thread calls :meth:`Control.at_step_end` after every optimizer step and
+:meth:`Control.at_step_start` before the next step's first forward; commands are applied
+there, in the order the daemon made them, each ``(origin, id)`` once, and acknowledged with
+an event.
+
+Under ``torch.distributed`` every ``every`` steps the ranks agree on what to apply: one
+all-reduce of a single CPU integer ("has anyone a command?") over a gloo group, and only
+when someone has, an ``all_gather_object`` of the commands. Nothing touches the GPU, so no
+host-device sync is added; the cost is one tiny CPU collective every ``every`` steps. A
+single process checks its queue every step (a ``deque`` length: free).
+
+Where a host sync would creep in: a rewind loads tensors and a batch dump copies them to
+the host. Both happen only while the run is paused for an incident, never in steady state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from runwatch.daemon import checkpoints
+from runwatch.daemon.protocol import shard_id
+from runwatch.hooks import checkpoint as ckpt_io
+
+if TYPE_CHECKING:
+    from runwatch.hooks.watch import Watch
+
+log = logging.getLogger("runwatch.hooks")
+
+HEARTBEAT_SECONDS = 5.0
+
+
+class CommandFailed(Exception):
+    """A command this rank could not apply; the message goes back to the daemon."""
+
+
+@dataclass
+class Skipped:
+    """Data the run did not train on because it was told to skip it (never quietly)."""
+
+    batches: int = 0
+    samples: int = 0
+    tokens: int = 0
+
+
+class Control:
+    def __init__(self, watch: Watch, every: int, group: Any = None, distributed: bool = False,
+                 poll_seconds: float = 0.05) -> None:
+        self.watch = watch
+        self.every = max(1, every)
+        self.group = group
+        self.distributed = distributed
+        self.poll_seconds = poll_seconds if not distributed else max(poll_seconds, 0.2)
+        self.inbox: deque[dict[str, Any]] = deque()
+        self.agreed: list[dict[str, Any]] = []
+        self.done: set[tuple[str, int]] = set()
+        self.paused = False
+        self.paused_seconds = 0.0
+        self.lr_scale = 1.0
+        self.rewinds = 0
+        self.skip_next = 0
+        self.skip_shards: set[int] = set()
+        self.skipped = Skipped()
+
+    # -- sender thread -----------------------------------------------------------------
+
+    def receive(self, command: dict[str, Any]) -> None:
+        self.inbox.append(command)
+
+    # -- training thread ---------------------------------------------------------------
+
+    def _drain(self) -> list[dict[str, Any]]:
+        out = []
+        while self.inbox:
+            c = self.inbox.popleft()
+            if _key(c) not in self.done and all(_key(c) != _key(a) for a in self.agreed + out):
+                out.append(c)
+        return out
+
+    def at_step_end(self, step: int) -> None:
+        """After optimizer step ``step``: take in commands (agreeing on them every ``every``
+        steps under torch.distributed)."""
+        if not self.distributed:
+            if self.inbox:
+                self.agreed += self._drain()
+        elif step % self.every == 0:
+            self.agreed += self._agree(self._drain())
+
+    def at_step_start(self) -> None:
+        """Before the next step's first forward: apply what was agreed; block while paused."""
+        if not self.agreed and not self.paused:
+            return
+        self._apply_agreed()
+        if not self.paused:
+            return
+        started = time.monotonic()
+        beat = 0.0
+        while self.paused:
+            now = time.monotonic()
+            if now - beat >= HEARTBEAT_SECONDS:
+                self.watch.sender.put_event({"type": "heartbeat", "step": self.watch.step, "paused": True})
+                beat = now
+            time.sleep(self.poll_seconds)
+            # While paused every rank loops here in lockstep, so the agreement stays collective.
+            self.agreed += self._agree(self._drain()) if self.distributed else self._drain()
+            self._apply_agreed()
+        self.paused_seconds += time.monotonic() - started
+
+    def _agree(self, local: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        dist = torch.distributed
+        flag = torch.tensor([len(local)], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        if int(flag.item()) == 0:  # a CPU tensor: .item() waits for gloo, not for the GPU
+            return []
+        gathered: list[list[dict[str, Any]] | None] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(gathered, local, group=self.group)
+        union: dict[tuple[str, int], dict[str, Any]] = {}
+        for commands in gathered:
+            for c in commands or []:
+                if _key(c) not in self.done:
+                    union.setdefault(_key(c), c)
+        return sorted(union.values(), key=lambda c: (float(c.get("created", 0.0)), *_key(c)))
+
+    def _apply_agreed(self) -> None:
+        agreed, self.agreed = self.agreed, []
+        for command in agreed:
+            key = _key(command)
+            if key in self.done:
+                continue
+            self.done.add(key)
+            action = command.get("action")
+            step = self.watch.step
+            try:
+                handler = self._handlers().get(str(action))
+                if handler is None:
+                    raise CommandFailed(f"unknown action {action!r}")
+                result = handler(command.get("args") or {}, command)
+            except Exception as exc:  # a failed command is reported, never raised into training
+                known = isinstance(exc, CommandFailed | checkpoints.CheckpointError)
+                detail = str(exc) if known else repr(exc)
+                log.error("runwatch: %s (command %s) failed: %s", action, key, detail)
+                self._ack(command, "failed", step, {}, detail)
+            else:
+                log.warning("runwatch: %s applied before step %d (command %s)", action, step, key)
+                self._ack(command, "applied", step, result, "")
+
+    def _ack(self, command: dict[str, Any], state: str, step: int, result: dict[str, Any],
+             detail: str) -> None:
+        self.watch.sender.put_event({"type": "command", "origin": command.get("origin"),
+                                     "id": command.get("id"), "action": command.get("action"),
+                                     "state": state, "step": step, "result": result, "detail": detail})
+
+    def _handlers(self) -> dict[str, Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]]:
+        return {"pause": self._pause, "resume": self._resume, "rewind": self._rewind,
+                "dump_batch": self._dump_batch, "skip_shard": self._skip_shard}
+
+    # -- the commands --------------------------------------------------------------------
+
+    def _pause(self, args: dict[str, Any], command: dict[str, Any]) -> dict[str, Any]:
+        self.paused = True
+        return {}
+
+    def _resume(self, args: dict[str, Any], command: dict[str, Any]) -> dict[str, Any]:
+        self.paused = False
+        return {}
+
+    def _rewind(self, args: dict[str, Any], command: dict[str, Any]) -> dict[str, Any]:
+        w = self.watch
+        folder = w.checkpoint_dir
+        if folder is None:
+            raise CommandFailed("this run has no checkpoint_dir (pass checkpoint_dir= to watch())")
+        to = args.get("to", "last_clean")
+        before = args.get("before_step")
+        refused: list[str] = []
+        chosen = None
+        if isinstance(to, int):
+            exact = [c for c in checkpoints.scan(folder) if c.step == to and c.complete]
+            if exact:
+                try:
+                    checkpoints.verify(exact[-1])
+                    chosen = exact[-1]
+                except checkpoints.CheckpointError as exc:
+                    refused.append(str(exc))
+            else:
+                refused.append(f"no complete checkpoint at step {to} in {folder}")
+            before = to if chosen is None else before
+        if chosen is None:
+            chosen, skipped = checkpoints.latest_clean(folder, before_step=before)
+            refused += [f"{c.path.name}: {why}" for c, why in skipped]
+        if chosen is None:
+            raise CommandFailed(f"no clean checkpoint in {folder}"
+                                + (f" before step {before}" if before is not None else "")
+                                + (f" ({'; '.join(refused)})" if refused else ""))
+        checkpoints.inside(folder, chosen.path)  # a symlink out of the folder is refused
+        restored = ckpt_io.load(chosen.path, model=_unwrap(w.model), optimizer=w.optimizer,
+                                scheduler=w.scheduler)
+        saved_scale = float(restored.extra.get("lr_scale", 1.0)) if restored.extra else 1.0
+        target = self.lr_scale * float(args.get("lr_scale", 1.0))
+        scale_learning_rate(w.optimizer, w.scheduler, target / saved_scale)
+        self.lr_scale = target
+        self.rewinds += 1
+        skip = int(args.get("skip_batches", 0))
+        self.skip_next += skip
+        resumed = bool(args.get("resume", True))
+        if resumed:
+            self.paused = False
+        return {"checkpoint": str(chosen.path), "checkpoint_step": chosen.step, "lr_scale": target,
+                "skipped_batches": skip, "resumed": resumed, "refused": refused}
+
+    def _dump_batch(self, args: dict[str, Any], command: dict[str, Any]) -> dict[str, Any]:
+        w = self.watch
+        incident = args.get("incident", command.get("id"))
+        folder = w.incident_dir / f"incident-{incident}" / f"rank{w.rank}"
+        folder.mkdir(parents=True, exist_ok=True)
+        batches = w.recent_batches()
+        meta = []
+        for i, b in enumerate(batches):
+            payload = {"step": b.step, "shard": b.shard, "offset": b.offset,
+                       "args": _to_cpu(b.args), "kwargs": _to_cpu(b.kwargs)}
+            torch.save(payload, folder / f"batch-{i}-step{b.step}.pt")
+            meta.append({"file": f"batch-{i}-step{b.step}.pt", "step": b.step, "shard": b.shard,
+                         "offset": b.offset, "tensors": _describe(b.args, b.kwargs)})
+        (folder / "batches.json").write_text(json.dumps({"run": w.run, "rank": w.rank, "step": w.step,
+                                                         "batches": meta}, indent=2))
+        return {"path": str(folder), "batches": len(batches)}
+
+    def _skip_shard(self, args: dict[str, Any], command: dict[str, Any]) -> dict[str, Any]:
+        shard = args.get("shard")
+        if shard is None:
+            raise CommandFailed("skip_shard: no shard named")
+        self.skip_shards.add(shard_id(shard))
+        return {"shard": shard, "shard_id": shard_id(shard)}
+
+    # -- data ----------------------------------------------------------------------------
+
+    def should_skip(self, batch: Any, shard: Any) -> bool:
+        """Whether ``watch.data`` drops this batch; counts what it drops."""
+        drop = False
+        if self.skip_next > 0:
+            self.skip_next -= 1
+            drop = True
+        elif shard is not None and self.skip_shards and shard_id(shard) in self.skip_shards:
+            drop = True
+        if drop:
+            samples, tokens = _batch_size(batch)
+            self.skipped.batches += 1
+            self.skipped.samples += samples
+            self.skipped.tokens += tokens
+        return drop
+
+
+def scale_learning_rate(optimizer: torch.optim.Optimizer, scheduler: Any, factor: float) -> None:
+    """Multiply every learning rate by ``factor``, in the optimizer and in the scheduler's bases
+    (a scheduler recomputes ``lr`` from ``base_lrs`` and would undo a change to ``lr`` alone)."""
+    if factor == 1.0:
+        return
+    for group in optimizer.param_groups:
+        for key in ("lr", "initial_lr"):
+            value = group.get(key)
+            if isinstance(value, torch.Tensor):
+                value.mul_(factor)
+            elif value is not None:
+                group[key] = value * factor
+    if scheduler is not None:
+        for attr in ("base_lrs", "_last_lr"):
+            values = getattr(scheduler, attr, None)
+            if isinstance(values, list):
+                setattr(scheduler, attr, [v * factor for v in values])
+
+
+def _key(command: dict[str, Any]) -> tuple[str, int]:
+    return str(command.get("origin", "")), int(command.get("id", -1))
+
+
+def _unwrap(model: torch.nn.Module | None) -> torch.nn.Module | None:
+    return getattr(model, "module", model) if model is not None else None
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _describe(args: Any, kwargs: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    def walk(name: str, obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            out[name] = {"shape": list(obj.shape), "dtype": str(obj.dtype)}
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{name}.{k}" if name else str(k), v)
+        elif isinstance(obj, list | tuple):
+            for i, v in enumerate(obj):
+                walk(f"{name}[{i}]", v)
+
+    walk("args", args)
+    walk("", kwargs)
+    return out
+
+
+def _batch_size(batch: Any) -> tuple[int, int]:
+    """(samples, tokens) of a batch from tensor shapes (no device read): the first integer
+    tensor, preferring ``input_ids``."""
+    if isinstance(batch, dict):
+        ids = batch.get("input_ids")
+        candidates = [ids] if isinstance(ids, torch.Tensor) else list(batch.values())
+    elif isinstance(batch, list | tuple):
+        candidates = list(batch)
+    else:
+        candidates = [batch]
+    for t in candidates:
+        if isinstance(t, torch.Tensor) and t.dim() >= 1:
+            return int(t.shape[0]), int(t.numel()) if not t.is_floating_point() else 0
+    return 0, 0
+
+
+def default_incident_dir(checkpoint_dir: Path | None) -> Path:
+    if checkpoint_dir is not None:
+        return checkpoint_dir / "runwatch-incidents"
+    return Path.home() / ".cache" / "runwatch" / "incidents"

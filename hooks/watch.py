@@ -293,11 +293,10 @@ class Watch:
         if self.world_size > 1 and dist.is_available() and dist.is_initialized():
             import datetime
 
-            # A CPU-only group for agreeing on commands (no GPU sync). Its short timeout turns a
-            # rank that stopped agreeing (monitoring failed there) into an error here, which
-            # switches monitoring off, instead of a hang of the training.
-            group = None if dist.get_backend() == "gloo" else dist.new_group(
-                backend="gloo", timeout=datetime.timedelta(seconds=120))
+            # A CPU-only group for agreeing on commands (no GPU sync), even when the default one
+            # is gloo: its short timeout turns a rank that stopped agreeing (monitoring failed
+            # there) into an error here, which switches monitoring off, instead of a long hang.
+            group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=120))
             return Control(self, every, group, distributed=True)
         return Control(self, every)
 

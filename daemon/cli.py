@@ -13,7 +13,7 @@
     runwatch pause RUN | resume RUN | rewind RUN [--to STEP] [--lr-scale X] [--skip N]
     runwatch skip-shard RUN SHARD
     runwatch incidents [--run NAME] [--json] | runwatch incident show ID [--json]
-    runwatch checkpoints RUN [--json]
+    runwatch checkpoints RUN [--json] | retention plan RUN [--json] | pin RUN STEP | unpin RUN STEP
     runwatch manifest DATA_DIR [--verify [--shard S]] [--json]
     runwatch demo
 """
@@ -513,14 +513,52 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
     control = reply.get("control") or {}
     table = Table(title=f"checkpoints of {args.run}" + (f" in {control['checkpoint_dir']}"
                                                         if control.get("checkpoint_dir") else ""))
-    for col in ("step", "format", "size", "saved", "path"):
+    for col in ("step", "size", "age", "state", "kept because / goes because", "path"):
         table.add_column(col)
-    for c in reply["checkpoints"]:
+    now = time.time()
+    # The retention manager's view (every checkpoint in the folder), else what the run registered.
+    rows = reply.get("retention") or [{**c, "state": "registered", "reason": "", "keep": 1}
+                                      for c in reply["checkpoints"]]
+    for c in rows:
         size = f"{(c['size_bytes'] or 0) / 1e6:.1f} MB"
-        table.add_row(str(c["step"]), c["format"], size, _when(c["saved_at"]), c["path"])
+        age = f"{(now - c['saved_at']) / 3600:.1f} h" if c.get("saved_at") else "-"
+        why = c["reason"] if c["keep"] else f"[red]{c['reason']}[/red]"
+        table.add_row(str(c["step"]), size, age, c["state"], why, c["path"])
     Console().print(table)
     if control:
         print(f"run state: {control['state']}, learning-rate scale x{control['lr_scale']:g}")
+    return 0
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    reply = _daemon_call(args, "pin" if args.pin else "unpin", run=args.run, step=args.step)
+    if reply is None:
+        return EXIT_UNREACHABLE
+    if args.json:
+        _print_json(reply)
+    else:
+        print(f"{args.run} step {args.step}: {'pinned (never deleted)' if args.pin else 'unpinned'}")
+    return 0
+
+
+def cmd_retention_plan(args: argparse.Namespace) -> int:
+    reply = _daemon_call(args, "retention_plan", run=args.run)
+    if reply is None:
+        return EXIT_UNREACHABLE
+    if args.json:
+        _print_json(reply)
+        return 0
+    dry = "" if reply["enabled"] else " (dry run: deletes nothing)"
+    table = Table(title=f"retention plan for {args.run}{dry}")
+    for col in ("step", "size", "", "why"):
+        table.add_column(col)
+    for d in reply["decisions"]:
+        verdict = "keep" if d["keep"] else "[red]delete[/red]"
+        table.add_row(str(d["step"]), f"{d['size_bytes'] / 1e6:.1f} MB", verdict, d["reason"])
+    Console().print(table)
+    print(f"would free {reply['freed_bytes'] / 1e6:.1f} MB, keep {reply['kept_bytes'] / 1e6:.1f} MB")
+    for incident in reply["no_rollback_target"]:
+        print(f"incident {incident}: no clean checkpoint before it exists", file=sys.stderr)
     return 0
 
 
@@ -672,6 +710,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_checkpoints)
+
+    for name, pin in (("pin", True), ("unpin", False)):
+        p = sub.add_parser(name, help="keep a checkpoint whatever the retention policy says" if pin
+                           else "let the retention policy decide about a checkpoint again")
+        _socket_arg(p)
+        p.add_argument("run")
+        p.add_argument("step", type=int)
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(func=cmd_pin, pin=pin)
+    retention = sub.add_parser("retention", help="checkpoint retention").add_subparsers(
+        dest="retention_command", required=True, metavar="SUBCOMMAND")
+    p = retention.add_parser("plan", help="what the next retention pass would delete, and why")
+    _socket_arg(p)
+    p.add_argument("run")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_retention_plan)
 
     p = sub.add_parser("manifest", help="write (or --verify) a checksum manifest of a data folder")
     p.add_argument("data_dir", type=Path)

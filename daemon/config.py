@@ -23,6 +23,7 @@ from pydantic_settings import (
 
 from runwatch.daemon import paths
 from runwatch.daemon.notify.config import Alerting
+from runwatch.daemon.retention.policy import Policy as RetentionPolicy
 
 SYSTEM_CONFIG = Path("/etc/runwatch/runwatch.toml")
 
@@ -82,6 +83,13 @@ class Settings(BaseSettings):
     )
     alerting: Alerting = Field(default_factory=Alerting, description="receivers, routes, grouping")
     playbook: Playbook = Field(default_factory=Playbook, description="pause, rewind, escalate")
+    retention: RetentionPolicy = Field(default_factory=RetentionPolicy, description="checkpoint keep policy")
+    retention_enabled: bool = Field(
+        default=True, description="Delete what the retention policy keeps not (false: plan and show only).")
+    retention_quiet_seconds: float = Field(
+        default=30.0, ge=0, description="A checkpoint counts once nothing in it changed for this long.")
+    retention_rescan_seconds: float = Field(
+        default=60.0, gt=0, le=86400, description="Rescan checkpoint folders at least this often.")
 
     @field_validator("socket_mode", mode="before")
     @classmethod

@@ -126,6 +126,21 @@ class DaemonMetrics:
             "Pause/resume/rewind requests refused (not the run's owner or root, bad arguments).",
             registry=registry,
         )
+        self.retention_freed_bytes = Counter(
+            "runwatch_retention_freed_bytes", "Checkpoint bytes the retention manager deleted.",
+            registry=registry,
+        )
+        self.retention_kept_bytes = Gauge(
+            "runwatch_retention_kept_bytes", "Checkpoint bytes kept, by run.", ["run"], registry=registry,
+        )
+        self.retention_checkpoints = Gauge(
+            "runwatch_retention_checkpoints", "Checkpoints by the reason they are kept (tier) or not_kept.",
+            ["run", "tier"], registry=registry,
+        )
+        self.retention_errors = Counter(
+            "runwatch_retention_errors", "Retention failures (scan, delete, purge, pass); retried.",
+            ["kind"], registry=registry,
+        )
         self.rules_loaded = Gauge("runwatch_rules_loaded", "Rules in force.", registry=registry)
         self.notifications = Counter(
             "runwatch_notifications",

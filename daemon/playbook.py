@@ -124,6 +124,7 @@ class Playbook:
         last_step: Callable[[str], int],
         firing_runs: Callable[[], set[str]],
         clock: Callable[[], float] = time.time,
+        confirm_steps: Callable[[], int] = lambda: 50,
     ) -> None:
         self.store = store
         self.conn = store.conn
@@ -132,6 +133,7 @@ class Playbook:
         self.last_step = last_step
         self.firing_runs = firing_runs
         self.clock = clock
+        self.confirm_steps = confirm_steps
         self.origin = socket.gethostname()
         self.escalations: dict[str, Event] = {}
         #: Runs paused now; read by the service's clock (replaced whole, never mutated).
@@ -225,10 +227,16 @@ class Playbook:
             self.paused_runs = self.paused_runs - {run}
 
     def rewind_args(self, run: str, before_step: int, lr_scale: float, skip: int) -> dict[str, Any] | None:
-        """A rewind to the newest checkpoint the run registered before ``before_step``, or None."""
+        """A rewind to the newest clean checkpoint the run registered before ``before_step``, or
+        None. Clean as retention means it: no warning or critical alert in the ``confirm_steps``
+        after it was saved (the firing that asks for this rewind is already stored, so a
+        checkpoint saved just before the spike is suspect and never the target)."""
         row = self.conn.execute(
-            "SELECT step FROM checkpoints WHERE run = ? AND step < ? ORDER BY step DESC LIMIT 1",
-            (run, before_step)).fetchone()
+            "SELECT c.step FROM checkpoints c WHERE c.run = ? AND c.step < ? AND NOT EXISTS ("
+            " SELECT 1 FROM alert_events a WHERE a.run = c.run AND a.state = 'firing'"
+            " AND a.severity IN ('warning', 'critical') AND a.rule != ?"
+            " AND a.step BETWEEN c.step AND c.step + ?) ORDER BY c.step DESC LIMIT 1",
+            (run, before_step, ESCALATION_RULE, self.confirm_steps())).fetchone()
         if row is None:
             return None
         return {"to": int(row[0]), "before_step": before_step, "lr_scale": lr_scale,
@@ -269,8 +277,8 @@ class Playbook:
             if action == "rewind":
                 found = self.rewind_args(e.run, e.step, cfg.lr_scale, cfg.skip_batches)
                 if found is None:
-                    reason = (f"no checkpoint registered before step {e.step}: nothing to rewind to;"
-                              " staying paused for a person")
+                    reason = (f"no clean checkpoint registered before step {e.step}: nothing to rewind"
+                              " to; staying paused for a person")
                     self._timeline(incident.id, "decision", reason)
                     decision.state, escalate = "escalated", True
                     continue
@@ -425,14 +433,7 @@ class Playbook:
         """A person's command; refused unless ``uid`` owns the run or is root."""
         if action not in ACTIONS:
             raise ControlRefused(f"unknown action {action!r}; known: {', '.join(ACTIONS)}")
-        owner = self.conn.execute("SELECT owner_uid FROM runs WHERE name = ?", (run,)).fetchone()
-        if owner is None:
-            raise ControlRefused(f"no run named {run!r}")
-        if uid != 0 and uid != owner[0]:
-            log.warning("control refused: uid %d asked to %s run %s, which belongs to uid %d",
-                        uid, action, run, owner[0])
-            raise ControlRefused(f"run {run!r} belongs to uid {owner[0]}; only its owner or root may "
-                                 f"{action} it (you are uid {uid})")
+        self.check_owner(run, uid, action)
         clean = self._validate(run, action, args)
         with self.conn:
             incident = self.open_incident(run)
@@ -443,6 +444,28 @@ class Playbook:
             cid = self._command(run, action, clean, f"uid {uid}", incident.id if incident else None)
         self._push_touched({run})
         return {"command": cid, "incident": incident.id if incident else None, "args": clean}
+
+    def check_owner(self, run: str, uid: int, action: str) -> None:
+        """Refuse (and log) ``action`` on ``run`` unless ``uid`` owns it or is root."""
+        owner = self.conn.execute("SELECT owner_uid FROM runs WHERE name = ?", (run,)).fetchone()
+        if owner is None:
+            raise ControlRefused(f"no run named {run!r}")
+        if uid != 0 and uid != owner[0]:
+            log.warning("control refused: uid %d asked to %s run %s, which belongs to uid %d",
+                        uid, action, run, owner[0])
+            raise ControlRefused(f"run {run!r} belongs to uid {owner[0]}; only its owner or root may "
+                                 f"{action} it (you are uid {uid})")
+
+    def pin(self, run: str, step: int, uid: int, pinned: bool) -> dict[str, Any]:
+        """Pin (or unpin) a run's checkpoint of ``step``: retention never deletes a pinned one."""
+        self.check_owner(run, uid, "pin" if pinned else "unpin")
+        with self.conn:
+            if pinned:
+                self.conn.execute("INSERT OR IGNORE INTO pins (run, step, created, created_by)"
+                                  " VALUES (?, ?, ?, ?)", (run, step, self.clock(), f"uid {uid}"))
+            else:
+                self.conn.execute("DELETE FROM pins WHERE run = ? AND step = ?", (run, step))
+        return {"run": run, "step": step, "pinned": pinned}
 
     def _validate(self, run: str, action: str, args: dict[str, Any]) -> dict[str, Any]:
         if action == "rewind":

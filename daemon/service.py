@@ -46,6 +46,8 @@ from runwatch.daemon.live import LiveView
 from runwatch.daemon.notify.notifier import Notifier
 from runwatch.daemon.playbook import ControlRefused, Playbook
 from runwatch.daemon.protocol import Block, Samples
+from runwatch.daemon.retention import manager as retention_mod
+from runwatch.daemon.retention.manager import RetentionManager
 from runwatch.daemon.rules.engine import Engine, Event, StreamRef
 from runwatch.daemon.rules.reload import RuleSource
 from runwatch.daemon.rules.spec import SEVERITY_ORDER
@@ -120,6 +122,7 @@ class Daemon:
         except StoreError as exc:
             raise StartupError(str(exc)) from None
         self._store = store
+        retention_mod.ensure_schema(store)
         self.live = LiveView()
         self._load_live(store)
         self.registry = CollectorRegistry()
@@ -143,11 +146,16 @@ class Daemon:
         self._writer = writer
         self.playbook = playbook = Playbook(
             store, lambda: self.settings.playbook, lambda run, cmds: ingest.deliver(run, cmds),  # type: ignore[union-attr]
-            self._last_step, self._firing_runs)
+            self._last_step, self._firing_runs, confirm_steps=lambda: self.settings.retention.confirm_steps)
         writer.playbook = playbook
         ingest = Ingest(lambda: self.settings, writer, self.live, self.metrics, self.query, playbook)
         self._ingest = ingest
         writer.start()
+        self.retention = RetentionManager(
+            s.store_path, lambda: self.settings.retention, quiet_seconds=s.retention_quiet_seconds,
+            rescan_seconds=s.retention_rescan_seconds, enabled=s.retention_enabled,
+            alert=self._retention_alerts, metrics=self.metrics)
+        self._retention_firing: dict[tuple[str, str], Event] = {}
         if self.engine is not None:
             engine = self.engine
             self.registry.register(AlertCollector(engine))
@@ -182,6 +190,7 @@ class Daemon:
                 self.exporter_url = f"http://{host}:{exporter.server_port}/metrics"
             if self.rules is not None:
                 self.rules.watch()
+            self.retention.start()
             sampling = asyncio.create_task(self._start_sampler()) if s.sample_interval_seconds > 0 else None
             ticker = asyncio.create_task(self._tick())
             stop = asyncio.Event()
@@ -204,6 +213,7 @@ class Daemon:
         finally:
             if self.rules is not None:
                 self.rules.stop()
+            self.retention.stop()
             writer.stop()
             if self.notifier is not None:
                 self.notifier.stop()
@@ -253,6 +263,27 @@ class Daemon:
             paused = self.playbook.paused_runs
             self._writer.tick([st.info.id for st in self.live.snapshot()
                                if st.connections > 0 and st.info.run not in paused])
+
+    def _retention_alerts(self, alerts: list[dict[str, Any]]) -> None:
+        """The retention manager's findings as alerts: firing while a pass says so, resolved
+        at the first pass that no longer does (from the manager's thread)."""
+        now = time.time()
+        seen: dict[tuple[str, str], Event] = {}
+        for a in alerts:
+            rule = f"retention_{a['kind']}"
+            key = (rule, f"{a.get('run')}:{a.get('incident')}:{a['text'] if 'purge' in rule else ''}")
+            seen[key] = Event(rule=rule, version="retention", severity="warning", state="firing",
+                              run=a.get("run") or "", rank=0, metric="", step=-1, sample_time=now,
+                              value=math.nan, baseline=math.nan, window="", summary=a["text"],
+                              actions=("alert",))
+        new = [e for k, e in seen.items() if k not in self._retention_firing]
+        gone = [replace(e, state="resolved", summary=f"{e.summary} [no longer so]")
+                for k, e in self._retention_firing.items() if k not in seen]
+        self._retention_firing = {**{k: v for k, v in self._retention_firing.items() if k in seen}, **{
+            k: e for k, e in seen.items() if k not in self._retention_firing}}
+        if new or gone:
+            writer = self._writer
+            writer.call(lambda _: writer.guarded(lambda: writer.record(new + gone)))
 
     def _last_step(self, run: str) -> int:
         return max((st.last_step for st in self.live.snapshot() if st.info.run == run), default=-1)
@@ -332,9 +363,39 @@ class Daemon:
             return self.control(request)
         if op in ("incidents", "incident", "command", "checkpoints"):
             return self.interventions(op, request)
+        if op in ("pin", "unpin"):
+            return self.pin(request, op == "pin")
+        if op == "retention_plan":
+            return self.retention_plan(str(request.get("run")))
         return {"error": f"unknown query op {op!r}; known: status, runs, alerts, rules, silences,"
                          " silence_add, silence_expire, notifications, control, incidents, incident,"
-                         " command, checkpoints"}
+                         " command, checkpoints, pin, unpin, retention_plan"}
+
+    def pin(self, request: dict[str, Any], pinned: bool) -> dict[str, Any]:
+        run, step = request.get("run"), request.get("step")
+        if not isinstance(run, str) or not isinstance(step, int):
+            return {"error": "pin: give run (a name) and step (an integer)"}
+        uid, playbook = int(request["peer_uid"]), self.playbook
+        try:
+            reply = self._writer.call(lambda _: playbook.pin(run, step, uid, pinned)).result(timeout=30)
+        except ControlRefused as exc:
+            self.metrics.control_refused.inc()
+            return {"error": str(exc)}
+        self.retention.poke()
+        return reply
+
+    def retention_plan(self, run: str) -> dict[str, Any]:
+        """What the next pass would keep and delete for ``run``, and why (deletes nothing)."""
+        report = self.retention.run_pass(only_run=run, dry_run=True)
+        plan = report.plans.get(run)
+        if plan is None:
+            return {"error": f"run {run!r} has told the daemon no checkpoint folder (checkpoint_dir=)"}
+        return {"run": run, "delete": plan.delete, "freed_bytes": plan.freed_bytes,
+                "kept_bytes": plan.kept_bytes, "by_tier": {k: v for k, v in plan.by_tier.items() if v},
+                "decisions": [{"path": d.path, "step": d.step, "keep": d.keep, "size_bytes": d.size_bytes,
+                               "reason": d.reason.value.format(incident=d.incident)} for d in plan.decisions],
+                "no_rollback_target": plan.no_rollback_target,
+                "enabled": self.settings.retention_enabled and not self.settings.retention.dry_run}
 
     def control(self, request: dict[str, Any]) -> dict[str, Any]:
         """A person's pause/resume/rewind/skip_shard/dump_batch; the owner or root only."""
@@ -359,7 +420,8 @@ class Daemon:
             if op == "checkpoints":
                 run = str(request.get("run"))
                 return {"run": run, "checkpoints": playbook_mod.checkpoints(conn, run),
-                        "control": playbook_mod.run_control(conn, run)}
+                        "control": playbook_mod.run_control(conn, run),
+                        "retention": retention_mod.decisions(conn, run)}
             key = request.get("id")
             if not isinstance(key, int):
                 return {"error": f"{op}: id must be an integer"}

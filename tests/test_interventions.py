@@ -30,7 +30,9 @@ from runwatch.hooks import checkpoint as ckpt_io
 from runwatch.hooks.control import scale_learning_rate
 
 STEPS = 170
-PLAYBOOK = "[playbook]\nwatch_steps = {watch}\nmax_rewinds = 2\n"
+# A checkpoint is clean once 5 healthy steps followed it (the default, 50, would send these
+# short runs back further than the checkpoints they have).
+PLAYBOOK = "[playbook]\nwatch_steps = {watch}\nmax_rewinds = 2\n[retention]\nconfirm_steps = 5\n"
 
 
 def start_daemon(root: Path, watch_steps: int = 30, **kw: Any) -> DaemonProcess:

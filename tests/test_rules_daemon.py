@@ -118,7 +118,7 @@ def test_a_firing_is_stored_listed_and_exported(rules_daemon: DaemonProcess) -> 
     # The playbook took them: this run registered no checkpoint, so it is paused for a person.
     assert {d["status"] for d in event["decisions"]} == {"incident 1"}
     [escalation] = [a for a in reply["firing"] if a["rule"] == "playbook_escalation"]
-    assert "no checkpoint registered before step 40" in escalation["summary"]
+    assert "no clean checkpoint registered before step 40" in escalation["summary"]
 
     text = rules_daemon.metrics_text()
     labels = 'metric="grad_norm",rank="0",rule="spike",run="r",severity="critical"'

@@ -1,0 +1,1 @@
+"""Checkpoint retention: which checkpoints of a run to keep, which to delete, and why."""

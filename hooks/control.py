@@ -72,6 +72,10 @@ class Control:
         self.skip_next = 0
         self.skip_shards: set[int] = set()
         self.skipped = Skipped()
+        # The LR factor in force when each framework checkpoint was registered (HF's and
+        # Lightning's files do not record it, runwatch's do): a later rewind to one of them
+        # must not scale its already-scaled rates again.
+        self.scale_at_save: dict[str, float] = {}
 
     # -- sender thread -----------------------------------------------------------------
 
@@ -205,7 +209,8 @@ class Control:
         checkpoints.inside(folder, chosen.path)  # a symlink out of the folder is refused
         restored = ckpt_io.load(chosen.path, model=_unwrap(w.model), optimizer=w.optimizer,
                                 scheduler=w.scheduler)
-        saved_scale = float(restored.extra.get("lr_scale", 1.0)) if restored.extra else 1.0
+        saved_scale = float(restored.extra.get("lr_scale", 1.0)) if restored.extra and "lr_scale" in \
+            restored.extra else self.scale_at_save.get(str(chosen.path), 1.0)
         target = self.lr_scale * float(args.get("lr_scale", 1.0))
         scale_learning_rate(w.optimizer, w.scheduler, target / saved_scale)
         self.lr_scale = target

@@ -448,6 +448,7 @@ class Watch:
         if not found:
             log.warning("runwatch: %s is not a complete checkpoint runwatch recognises", target)
             return None
+        self.control.scale_at_save[str(found[0].path)] = self.control.lr_scale
         self._register(found[0])
         return found[0]
 

@@ -22,13 +22,16 @@ import json
 import logging
 import math
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from runwatch.daemon.config import Playbook as PlaybookConfig
+from runwatch.daemon.manifest import ManifestError, verify_manifest
 from runwatch.daemon.rules.engine import Event
 from runwatch.daemon.store import Store, StreamInfo
 
@@ -37,7 +40,7 @@ log = logging.getLogger("runwatch.playbook")
 ESCALATION_RULE = "playbook_escalation"
 ACTIONS = ("pause", "resume", "rewind", "dump_batch", "skip_shard")
 #: Rule actions the playbook acts on (``alert`` is the notifier's).
-INTERVENTIONS = frozenset({"pause", "rewind", "dump_batch", "skip_shard", "escalate"})
+INTERVENTIONS = frozenset({"pause", "rewind", "dump_batch", "skip_shard", "verify_shard", "escalate"})
 #: Unapplied commands older than this are not pushed to a run that connects later.
 COMMAND_TTL_SECONDS = 24 * 3600.0
 
@@ -125,6 +128,7 @@ class Playbook:
         firing_runs: Callable[[], set[str]],
         clock: Callable[[], float] = time.time,
         confirm_steps: Callable[[], int] = lambda: 50,
+        defer: Callable[[Callable[[Any], Any]], Any] | None = None,
     ) -> None:
         self.store = store
         self.conn = store.conn
@@ -134,6 +138,7 @@ class Playbook:
         self.firing_runs = firing_runs
         self.clock = clock
         self.confirm_steps = confirm_steps
+        self.defer = defer  # runs a function on the writer thread (results of background work)
         self.origin = socket.gethostname()
         self.escalations: dict[str, Event] = {}
         #: Runs paused now; read by the service's clock (replaced whole, never mutated).
@@ -291,7 +296,10 @@ class Playbook:
             elif action == "dump_batch":
                 args = {"incident": incident.id}
             self._command(e.run, action, args, f"rule {e.rule}", incident.id)
-        self._set_incident(incident.id, state=decision.state)
+        if "verify_shard" in actions and e.shard is not None:
+            self._verify_shard(e.run, incident.id, int(e.shard))
+        watching = decision.state == "watching" and incident.watch_from is None
+        self._set_incident(incident.id, state=decision.state, **({"watch_from": e.step} if watching else {}))
         # The rule's decisions (stored with its firing) now belong to this incident.
         self.conn.execute("UPDATE decisions SET status = ? WHERE rule = ? AND run = ? AND rank = ?"
                           " AND step = ? AND status = 'pending'",
@@ -301,6 +309,34 @@ class Playbook:
         text = (reason if decision.reason is not Reason.ALREADY_HANDLING
                 else "the run is paused and needs a person")
         return [self._escalation(e, incident.id, text)]
+
+    def _verify_shard(self, run: str, incident_id: int, shard: int) -> None:
+        """Check the shard against the run's data manifest off this thread (hashing a shard can
+        take minutes); the result lands in the incident's timeline."""
+        row = self.conn.execute("SELECT data_dir FROM run_control WHERE run = ?", (run,)).fetchone()
+        if not row or not row[0]:
+            self._timeline(incident_id, "verify", f"shard {shard} not verified: the run named no data_dir")
+            return
+        data_dir, defer = Path(row[0]), self.defer
+
+        def work() -> None:
+            try:
+                checks = verify_manifest(data_dir, shard)
+                bad = [c for c in checks if c.status != "match"]
+                text = (f"shard {shard} matches the manifest ({len(checks)} file(s))" if not bad else
+                        f"shard {shard} differs from the manifest: "
+                        + "; ".join(f"{c.path}: {c.status} ({c.detail})" for c in bad))
+                detail: dict[str, Any] = {"shard": shard, "checks": [vars(c) for c in checks]}
+            except (ManifestError, OSError) as exc:
+                text, detail = f"shard {shard} not verified: {exc}", {"shard": shard}
+            if defer is not None:
+                defer(lambda _: self._note(incident_id, "verify", text, detail))
+
+        threading.Thread(target=work, name="runwatch-verify-shard", daemon=True).start()
+
+    def _note(self, incident_id: int, kind: str, text: str, detail: dict[str, Any]) -> None:
+        with self.conn:
+            self._timeline(incident_id, kind, text, **detail)
 
     def _escalation(self, cause: Event, incident_id: int, text: str) -> Event:
         summary = f"run {cause.run} paused at step {cause.step} (incident {incident_id}): {text}"

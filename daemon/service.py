@@ -146,7 +146,8 @@ class Daemon:
         self._writer = writer
         self.playbook = playbook = Playbook(
             store, lambda: self.settings.playbook, lambda run, cmds: ingest.deliver(run, cmds),  # type: ignore[union-attr]
-            self._last_step, self._firing_runs, confirm_steps=lambda: self.settings.retention.confirm_steps)
+            self._last_step, self._firing_runs, confirm_steps=lambda: self.settings.retention.confirm_steps,
+            defer=lambda fn: self._writer.call(fn))
         writer.playbook = playbook
         ingest = Ingest(lambda: self.settings, writer, self.live, self.metrics, self.query, playbook)
         self._ingest = ingest

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -325,3 +326,60 @@ def test_control_from_another_user_is_refused_and_logged(rootdir: Path) -> None:
         assert cli_run(d, "pause", "mine", "--wait", "0").returncode == EXIT_PENDING  # root may
     finally:
         d.terminate()
+
+
+def test_a_token_efficiency_drop_names_the_shard_verifies_it_and_a_person_skips_it(
+        daemon: DaemonProcess, rootdir: Path) -> None:
+    data = rootdir / "data"
+    data.mkdir()
+    for n in (16, 17):
+        (data / f"shard-{n:05d}.jsonl").write_text(f"rows of shard {n}\n" * 100)
+    wrote = subprocess.run([sys.executable, "-m", "runwatch.daemon", "manifest", str(data)],
+                           capture_output=True, text=True, timeout=60)
+    assert wrote.returncode == 0 and "runwatch-manifest.json" in wrote.stdout, wrote.stderr
+    (data / "shard-00017.jsonl").write_text("truncated\n")  # the shard changed after the manifest
+    raw = RawClient(daemon.socket)
+    raw.send(protocol.json_frame(Kind.HELLO, {
+        "protocol": 1, "role": "hook", "run": "tokens", "rank": 0, "world_size": 1, "host": "t",
+        "pid": os.getpid(), "hook_version": "test", "data_dir": str(data)}))
+    assert raw.read()[0] == Kind.WELCOME
+    names = ("data_shard", "token_efficiency")
+    for step in range(210):  # past the rule's warm-up (its baseline is refreshed every 64 steps)
+        shard, eff = (17.0, 0.3) if step >= 200 else (16.0, 0.9 + 0.01 * (step % 3))
+        raw.send(protocol.samples_frame(step + 1, [protocol.encode_block(names, [step], [time.time()],
+                                                                         [[shard, eff]])]))
+        assert raw.read()[0] == Kind.ACK
+
+    def verified() -> list[str]:
+        incidents = cli(daemon, "incidents", "--run", "tokens")["incidents"]
+        if not incidents:
+            return []
+        return [t["text"] for t in cli(daemon, "incident", "show", str(incidents[0]["id"]))["timeline"]
+                if t["kind"] == "verify"]
+
+    [text] = wait_for(verified, what="the shard's verification")
+    assert text.startswith("shard 17 differs from the manifest: shard-00017.jsonl: mismatch")
+    sent = cli_run(daemon, "skip-shard", "tokens", "17", "--wait", "0")
+    assert sent.returncode == EXIT_PENDING
+    command = read_command(raw)
+    assert command["action"] == "skip_shard" and command["args"] == {"shard": 17}
+
+
+def test_skipped_shards_and_batches_are_dropped_and_counted(tmp_path: Path) -> None:
+    import runwatch.hooks
+
+    model = torch.nn.Linear(4, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    watch = runwatch.hooks.watch(model, opt, run="skips", socket=tmp_path / "none.sock", spool_dir=tmp_path)
+    watch.control.receive({"origin": "t", "id": 1, "action": "skip_shard", "args": {"shard": "b"}})
+    batches = [{"shard": s, "input_ids": torch.zeros(2, 8, dtype=torch.long)} for s in "aabbab"]
+    seen = []
+    for batch in watch.data(batches, shard=lambda b: b["shard"]):
+        seen.append(batch["shard"])
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    # The command was taken in after the first step and applied before the second forward.
+    assert seen == ["a", "a", "a"]
+    assert vars(watch.control.skipped) == {"batches": 3, "samples": 6, "tokens": 48}
+    watch.close(timeout=0.1)

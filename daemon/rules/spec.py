@@ -48,7 +48,7 @@ from pydantic import (
 
 M = TypeVar("M", bound=BaseModel)
 Severity = Literal["info", "warning", "critical"]
-Action = Literal["alert", "pause", "rewind", "dump_batch", "skip_shard", "escalate"]
+Action = Literal["alert", "pause", "rewind", "dump_batch", "skip_shard", "verify_shard", "escalate"]
 SEVERITY_ORDER = {"info": 0, "warning": 1, "critical": 2}
 
 #: Fields a ``summary`` may use.

@@ -469,9 +469,19 @@ def _plan_huggingface(
         scheduler_state=scheduler_state,
         apply_rng=_hf_rng(path) if restore_rng else None,
         data_position={"epoch": epoch} if epoch is not None else {},
-        extra={},
+        extra=_runwatch_record(path / "runwatch.json"),
         tied_may_be_absent=True,
     )
+
+
+def _runwatch_record(path: Path) -> dict[str, Any]:
+    """The runwatch callback's note in a framework checkpoint (the LR scale in force when it was
+    saved), so a rewind after a restart does not scale already-scaled rates again."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _plan_lightning(
@@ -504,7 +514,8 @@ def _plan_lightning(
         scheduler_state=scheduler_state,
         apply_rng=None,
         data_position={"epoch": epoch} if epoch is not None else {},
-        extra={},
+        # What the runwatch callback added (the LR scale in force at the save), if it did.
+        extra=dict(state["runwatch"]) if isinstance(state.get("runwatch"), dict) else {},
     )
 
 

@@ -76,6 +76,7 @@ class Control:
         # Lightning's files do not record it, runwatch's do): a later rewind to one of them
         # must not scale its already-scaled rates again.
         self.scale_at_save: dict[str, float] = {}
+        self.data_consumer = False  # set once the loop draws batches through watch.data()
 
     # -- sender thread -----------------------------------------------------------------
 
@@ -216,6 +217,10 @@ class Control:
         self.lr_scale = target
         self.rewinds += 1
         skip = int(args.get("skip_batches", 0))
+        if skip and not self.data_consumer:
+            # Only watch.data() can drop batches; say so rather than report a skip that never happens.
+            refused.append(f"skip_batches={skip} ignored: the loop reads no batches through watch.data()")
+            skip = 0
         self.skip_next += skip
         resumed = bool(args.get("resume", True))
         if resumed:

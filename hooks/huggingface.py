@@ -26,8 +26,10 @@ What does not go back:
   rewind there, or to a ``save_only_model`` checkpoint, fails with the reason and the run
   goes on untouched.
 
-Each registered ``checkpoint-N/`` also gets ``runwatch.json`` (the ``lr_scale`` and rewind
-count in force when it was saved), for a rewind to it to know which scale it already holds.
+A checkpoint saved after a rewind already holds the scaled rates; the watch remembers the
+scale in force when each one was registered, so a later rewind to it does not scale twice. That
+memory ends with the process, so each registered ``checkpoint-N/`` also gets ``runwatch.json``
+(``lr_scale``, ``rewinds``, the watch's ``step``) as the lasting record of it.
 """
 
 from __future__ import annotations

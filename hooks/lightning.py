@@ -17,8 +17,10 @@ Lightning calls ``on_save_checkpoint`` before the file is written, so the callba
 ``trainer.save_checkpoint`` for the length of ``fit`` and registers each ``.ckpt`` with the
 daemon once that call has returned, on global rank zero (the one that writes); a file an
 asynchronous checkpoint IO is still writing is registered at a later batch end, once it is a
-whole archive. Each ``.ckpt`` also holds ``checkpoint["runwatch"]``: the ``lr_scale`` and
-rewind count in force when it was saved.
+whole archive. The watch remembers the learning-rate scale in force at registration, so a
+rewind to a checkpoint saved after an earlier rewind does not scale twice; as the lasting record
+of it (the memory ends with the process) each ``.ckpt`` also holds ``checkpoint["runwatch"]``:
+the ``lr_scale`` and rewind count in force when it was saved.
 
 A rewind is applied in this process: the ``.ckpt`` is read with ``weights_only=True``, then
 the module's weights, the first optimizer's state and the first scheduler's state are

@@ -461,6 +461,7 @@ class Watch:
         batches right after a rewind, or a shard told to be skipped (``shard(batch)`` names a
         batch's shard). ``start``: batches to pass over first, e.g. a resume plan's
         ``data_position``."""
+        self.control.data_consumer = True
         for i, batch in enumerate(batches):
             self.data_position += 1
             if i < start or self.control.should_skip(batch, shard(batch) if shard else None):

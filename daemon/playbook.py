@@ -237,7 +237,7 @@ class Playbook:
         after it was saved (the firing that asks for this rewind is already stored, so a
         checkpoint saved just before the spike is suspect and never the target)."""
         row = self.conn.execute(
-            "SELECT c.step FROM checkpoints c WHERE c.run = ? AND c.step < ? AND NOT EXISTS ("
+            "SELECT c.step FROM checkpoints c WHERE c.run = ? AND c.step >= 0 AND c.step < ? AND NOT EXISTS ("
             " SELECT 1 FROM alert_events a WHERE a.run = c.run AND a.state = 'firing'"
             " AND a.severity IN ('warning', 'critical') AND a.rule != ?"
             " AND a.step BETWEEN c.step AND c.step + ?) ORDER BY c.step DESC LIMIT 1",
@@ -371,18 +371,25 @@ class Playbook:
                 (stream.id, seq, now, kind, json.dumps(event)))
             if not cur.rowcount:
                 return []  # a replay of an event already handled
+            # Acting on it happens in a savepoint: a malformed event is stored as sent and acted on
+            # never (no half-applied update), and the connection carries on.
+            self.conn.execute("SAVEPOINT act")
             try:
+                _check_event(event)
                 if kind == "checkpoint":
                     self._checkpoint(stream, event)
                 elif kind == "command":
-                    return self._applied(stream, event)
+                    out = self._applied(stream, event)
+                    self.conn.execute("RELEASE act")
+                    return out
                 else:
                     log.info("run %s rank %d sent an event of unknown type %r; stored",
                              stream.run, stream.rank, kind)
-            except (KeyError, TypeError, ValueError) as exc:
-                # Stored as sent, acted on never: a hook bug must not take the connection down.
+            except Exception as exc:
+                self.conn.execute("ROLLBACK TO act")
                 log.warning("run %s rank %d: malformed %s event (%r); stored, not acted on",
                             stream.run, stream.rank, kind, exc)
+            self.conn.execute("RELEASE act")
         return []
 
     def _checkpoint(self, stream: StreamInfo, e: dict[str, Any]) -> None:
@@ -520,6 +527,10 @@ class Playbook:
                 raise ControlRefused(f"run {run!r} registered no checkpoint at step {to}; it has: "
                                      + ", ".join(map(str, steps[-20:])))
             resume = bool(args.get("resume", True))
+            if to == "last_clean":
+                # The newest checkpoint retention calls clean, not merely the newest intact one.
+                found = self.rewind_args(run, self.last_step(run) + 1, float(lr_scale), skip)
+                to = found["to"] if found else "last_clean"
             return {"to": to, "lr_scale": float(lr_scale), "skip_batches": skip, "resume": resume}
         if action == "skip_shard":
             shard = args.get("shard")
@@ -550,6 +561,20 @@ class Playbook:
             pending = self.pending(run)
             if pending:
                 self.deliver(run, pending)
+
+
+def _check_event(event: dict[str, Any]) -> None:
+    """Refuse an event whose numbers would not fit the store (ValueError, with what is wrong)."""
+    for key in ("step", "id", "size_bytes"):
+        value = event.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or not -1 <= value < 1 << 62):
+            raise ValueError(f"{key}: an integer in range, not {value!r}")
+    saved_at = event.get("saved_at")
+    if saved_at is not None and (not isinstance(saved_at, int | float) or not math.isfinite(saved_at)):
+        raise ValueError(f"saved_at: a finite number, not {saved_at!r}")
+    if not isinstance(event.get("result", {}), dict):
+        raise ValueError("result: an object")
 
 
 # -- reads for the CLI (any thread, own connection) -------------------------------------------

@@ -186,6 +186,7 @@ class Sender:
         self.connected = False
         self.refused: str | None = None
         self.on_command: Callable[[dict[str, Any]], None] | None = None
+        self.early_commands: list[dict[str, Any]] = []
         self._queue: queue.Queue[Batch | dict[str, Any]] = queue.Queue(maxsize=queue_batches)
         # seq -> frame, oldest first; a unique base so seqs never collide with a spool's.
         self._pending: OrderedDict[int, bytes] = OrderedDict()
@@ -415,6 +416,8 @@ class Sender:
                     command = protocol.decode_json(payload)
                     if self.on_command is not None:
                         self.on_command(command)
+                    else:  # pushed on connect, before the watch attached its handler
+                        self.early_commands.append(command)
                 elif kind == Kind.ERROR:
                     reply = protocol.decode_json(payload)
                     log.warning("runwatch: daemon closed the connection: %s: %s",

@@ -269,6 +269,8 @@ class Watch:
         )
         self.control = self._make_control(control_every)
         self.sender.on_command = self.control.receive
+        while self.sender.early_commands:
+            self.control.receive(self.sender.early_commands.pop(0))
         self._apply_in_forward = model is not None
         self._handles: list[Any] = [optimizer.register_step_post_hook(self._after_step)]
         if optimizer_pre_hook:
@@ -296,7 +298,12 @@ class Watch:
             # A CPU-only group for agreeing on commands (no GPU sync), even when the default one
             # is gloo: its short timeout turns a rank that stopped agreeing (monitoring failed
             # there) into an error here, which switches monitoring off, instead of a long hang.
-            group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=120))
+            try:
+                group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=120))
+            except Exception:  # e.g. a rank that never constructs its watch: never crash training
+                log.exception("runwatch: no gloo group for agreeing on commands; this rank applies "
+                              "commands on its own (ranks may not agree on the step)")
+                return Control(self, every)
             return Control(self, every, group, distributed=True)
         return Control(self, every)
 

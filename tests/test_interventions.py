@@ -267,9 +267,14 @@ def test_malformed_events_are_refused_and_the_daemon_keeps_serving(daemon: Daemo
     # An event with the wrong fields is stored, acknowledged and not acted on.
     raw = RawClient(daemon.socket)
     raw.hello(run="bad-events")
-    raw.send(protocol.event_frame(1, {"type": "checkpoint", "path": "/x"}))  # no step
-    kind, _ = raw.read()
-    assert kind == Kind.ACK
+    bad = [{"type": "checkpoint", "path": "/x"},  # no step
+           {"type": "checkpoint", "path": "/x", "step": 10**30, "saved_at": 1.0},  # too big for SQLite
+           {"type": "checkpoint", "path": "/x", "step": 5, "saved_at": float("nan")},
+           {"type": "command", "origin": "x", "id": 1, "state": "applied", "step": "abc", "result": []}]
+    for seq, event in enumerate(bad, 1):
+        raw.send(protocol.event_frame(seq, event))
+        kind, payload = raw.read()
+        assert kind == Kind.ACK and protocol.ACK.unpack(payload)[0] == seq  # stored; the connection lives
     assert cli(daemon, "checkpoints", "bad-events")["checkpoints"] == []
     assert "malformed checkpoint event" in daemon.log()
 

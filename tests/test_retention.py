@@ -29,6 +29,7 @@ def world(tmp_path: Path) -> dict[str, Any]:
     folder = tmp_path / "ckpt"
     folder.mkdir()
     with store.conn:
+        store.conn.execute("INSERT INTO runs (name, owner_uid, created) VALUES ('r', ?, 0)", (os.geteuid(),))
         store.conn.execute("INSERT INTO run_control (run, state, checkpoint_dir, updated)"
                            " VALUES (?, ?, ?, ?)", ("r", "running", str(folder), time.time()))
     yield {"store": store, "folder": folder, "db": store.path}
@@ -260,3 +261,22 @@ def test_the_daemon_keeps_tiers_quarantines_after_a_rewind_and_honours_pins() ->
         assert "runwatch_retention_freed_bytes_total" in metrics
     finally:
         d.terminate()
+
+
+def test_folders_and_trash_that_lead_elsewhere_are_refused(world: dict[str, Any], tmp_path: Path) -> None:
+    folder = world["folder"]
+    save_runwatch(folder, 10)
+    save_runwatch(folder, 20)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious").write_text("keep me")
+    (folder / mgr.TRASH).symlink_to(victim)  # a trash that is a symlink: never followed
+    report = manager(world).run_pass()
+    assert (victim / "precious").read_text() == "keep me"
+    assert report.deleted == [] and any("not a real folder" in e for e in report.errors)
+    (folder / mgr.TRASH).unlink()
+    if os.geteuid() == 0:  # a folder owned by someone else than the run's owner is not managed
+        os.chown(folder, 65534, 65534)
+        with world["store"].conn:
+            world["store"].conn.execute("UPDATE runs SET owner_uid = 1234")
+        assert manager(world).run_pass().plans == {}

@@ -96,6 +96,7 @@ class RetentionManager:
         self._observer: Any = None
         self._watched: set[str] = set()
         self._purge_failures: dict[str, int] = {}
+        self._refused: set[tuple[str, str]] = set()
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -151,9 +152,26 @@ class RetentionManager:
     # -- facts from the store ------------------------------------------------------------
 
     def _runs(self) -> list[tuple[str, Path]]:
+        """Runs and the folders they announced: only absolute folders owned by the run's owner
+        (or by root): a client must not point the daemon's deletions at someone else's files."""
         rows = self.conn.execute(
-            "SELECT run, checkpoint_dir FROM run_control WHERE checkpoint_dir IS NOT NULL").fetchall()
-        return [(run, Path(folder)) for run, folder in rows]
+            "SELECT c.run, c.checkpoint_dir, r.owner_uid FROM run_control c JOIN runs r ON r.name = c.run"
+            " WHERE c.checkpoint_dir IS NOT NULL").fetchall()
+        out = []
+        for run, folder, owner in rows:
+            path = Path(folder)
+            try:
+                st = path.lstat()
+            except OSError:
+                continue  # not there (yet): nothing to do
+            if not path.is_absolute() or path.is_symlink() or st.st_uid not in (owner, 0):
+                if (run, folder) not in self._refused:
+                    self._refused.add((run, folder))
+                    log.warning("retention: run %s announced %s, which is not an absolute folder owned by"
+                                " uid %s; not managed", run, folder, owner)
+                continue
+            out.append((run, path))
+        return out
 
     def _last_step(self, run: str) -> int:
         row = self.conn.execute(
@@ -296,7 +314,7 @@ class RetentionManager:
     def _folder_lock(self, folder: Path) -> Iterator[bool]:
         """The folder's lock file: one deleter per folder, whichever daemon or tool it is."""
         try:
-            fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
             log.warning("retention: cannot create the lock file in %s: %s", folder, exc)
             yield False
@@ -312,8 +330,7 @@ class RetentionManager:
             os.close(fd)
 
     def _to_trash(self, c: ck.Checkpoint, folder: Path) -> None:
-        trash = folder / TRASH
-        trash.mkdir(exist_ok=True)
+        trash = _real_folder(folder / TRASH, folder, create=True)
         marker = MARKERS.get(c.format)
         if marker is not None and (c.path / marker).exists():
             os.rename(c.path / marker, c.path / (marker + DELETING))  # no longer complete, first
@@ -323,16 +340,21 @@ class RetentionManager:
         """A checkpoint whose marker was renamed by a pass that did not finish goes to the trash."""
         with contextlib.suppress(FileNotFoundError):
             for entry in folder.iterdir():
-                if entry.is_dir() and not entry.name.startswith(".") and \
+                if entry.is_dir() and not entry.is_symlink() and not entry.name.startswith(".") and \
                         any((entry / (m + DELETING)).exists() for m in MARKERS.values()):
-                    (folder / TRASH).mkdir(exist_ok=True)
-                    os.rename(entry, folder / TRASH / f"{entry.name}.{time.time_ns()}")
+                    trash = _real_folder(folder / TRASH, folder, create=True)
+                    os.rename(entry, trash / f"{entry.name}.{time.time_ns()}")
                     report.deleted.append(str(entry))
                     log.info("retention: finished deleting %s (a pass was interrupted)", entry)
 
     def _purge(self, folder: Path, report: PassReport) -> None:
         trash = folder / TRASH
-        if not trash.is_dir():
+        if not trash.exists() and not trash.is_symlink():
+            return
+        try:
+            _real_folder(trash, folder)
+        except OSError as exc:
+            report.errors.append(str(exc))
             return
         for entry in sorted(trash.iterdir()):
             try:
@@ -355,28 +377,35 @@ class RetentionManager:
     def _quarantine(self, run: str, folder: Path, report: PassReport) -> None:
         """Move what a rewind abandoned (newer than its target) into abandoned/incident-N/."""
         rows = self.conn.execute(
-            "SELECT id, incident_id, result FROM commands WHERE run = ? AND action = 'rewind'"
+            "SELECT id, incident_id, result, step FROM commands WHERE run = ? AND action = 'rewind'"
             " AND state = 'applied' AND id NOT IN (SELECT command_id FROM retention_quarantines)",
             (run,)).fetchall()
-        for cid, incident, result in rows:
+        pins = self._pins(run)
+        for cid, incident, result, applied_step in rows:
             target = json.loads(result or "{}").get("checkpoint_step")
-            if isinstance(target, int):
+            # Steps count forward through a rewind, so the abandoned line is exactly the steps
+            # between the target and the step the rewind was applied before; later ones are new.
+            if isinstance(target, int) and target >= 0 and isinstance(applied_step, int):
                 dest = folder / ABANDONED / f"incident-{incident if incident is not None else cid}"
                 for c in ck.scan(folder):
-                    if c.step > target and c.saved_at <= self._applied_at(cid):
-                        dest.mkdir(parents=True, exist_ok=True)
+                    if not target < c.step <= applied_step or c.step in pins:
+                        continue
+                    try:
+                        _real_folder(dest.parent, folder, create=True)
+                        dest.mkdir(exist_ok=True)
                         os.rename(c.path, dest / c.path.name)
-                        report.quarantined.append(str(c.path))
-                        log.info("retention: %s quarantined to %s (abandoned by rewind to step %d)",
-                                 c.path, dest, target)
+                    except OSError as exc:
+                        report.errors.append(f"{c.path}: {exc}")
+                        report.alerts.append({"kind": "quarantine_failed", "run": run,
+                                              "text": f"could not quarantine {c.path}: {exc}"})
+                        self._count_error("quarantine")
+                        continue
+                    report.quarantined.append(str(c.path))
+                    log.info("retention: %s quarantined to %s (abandoned by rewind to step %d)",
+                             c.path, dest, target)
             with self.conn:
                 self.conn.execute("INSERT OR IGNORE INTO retention_quarantines (command_id, time)"
                                   " VALUES (?, ?)", (cid, self.clock()))
-
-    def _applied_at(self, command_id: int) -> float:
-        row = self.conn.execute("SELECT MIN(time) FROM command_acks WHERE command_id = ?",
-                                (command_id,)).fetchone()
-        return float(row[0]) if row and row[0] is not None else self.clock()
 
     def _count_error(self, kind: str) -> None:
         if self.metrics is not None:
@@ -384,6 +413,18 @@ class RetentionManager:
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+def _real_folder(path: Path, folder: Path, create: bool = False) -> Path:
+    """``path``, a real folder (not a symlink) directly in ``folder`` with the same owner;
+    OSError otherwise. The daemon's trash and quarantine must never lead it elsewhere."""
+    if create and not path.exists() and not path.is_symlink():
+        path.mkdir()
+        os.chown(path, folder.stat().st_uid, folder.stat().st_gid)
+    st = path.lstat()
+    if path.is_symlink() or not path.is_dir() or st.st_uid != folder.stat().st_uid:
+        raise OSError(f"{path}: not a real folder owned like {folder}; refusing to use it")
+    return path
 
 
 def _state(c: pol.Candidate) -> str:

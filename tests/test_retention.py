@@ -280,3 +280,24 @@ def test_folders_and_trash_that_lead_elsewhere_are_refused(world: dict[str, Any]
         with world["store"].conn:
             world["store"].conn.execute("UPDATE runs SET owner_uid = 1234")
         assert manager(world).run_pass().plans == {}
+
+
+def test_runs_sharing_a_folder_protect_each_others_checkpoints(world: dict[str, Any]) -> None:
+    """A relaunch under a new run name into the same folder: the new run's pin holds in the old
+    run's pass too (the folder is planned once, with every run's protections)."""
+    folder, conn = world["folder"], world["store"].conn
+    for step in (10, 20, 30):
+        save_runwatch(folder, step)
+    save_lightning(folder, 25)
+    os.rename(folder / "epoch=0-step=25.ckpt", folder / "last.ckpt")  # Lightning's save_last copy
+    with conn:
+        conn.execute("INSERT INTO runs (name, owner_uid, created) VALUES ('r2', ?, 0)", (os.geteuid(),))
+        conn.execute("INSERT INTO run_control (run, state, checkpoint_dir, updated) VALUES ('r2', 'running',"
+                     " ?, 0)", (str(folder),))
+        conn.execute("INSERT INTO pins (run, step, created, created_by) VALUES ('r2', 10, 0, 'uid 0')")
+    report = manager(world).run_pass()
+    assert report.deleted == [str(folder / "step-000000020")]
+    assert names(folder) == {"step-000000010", "step-000000030", "last.ckpt"}
+    for run in ("r", "r2"):
+        reasons = {d["step"]: d["reason"] for d in mgr.decisions(conn, run)}
+        assert reasons[10] == "pinned" and reasons[-1] == "the trainer's resume pointer points at it"

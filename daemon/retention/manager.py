@@ -214,13 +214,18 @@ class RetentionManager:
             report = PassReport()
             policy = self.policy()
             dry = policy.dry_run or not self.enabled if dry_run is None else dry_run
+            # Runs that share a folder (a relaunch under a new name into the same output_dir) are
+            # planned together: every one's pins, incidents and alerts protect the folder's files.
+            groups: dict[Path, list[str]] = {}
             for run, folder in self._runs():
-                if only_run is not None and run != only_run:
+                groups.setdefault(folder, []).append(run)
+            for folder, runs in groups.items():
+                if only_run is not None and only_run not in runs:
                     continue
                 self._watch(folder)
                 try:
-                    self._pass_folder(run, folder, policy, dry, report)
-                except OSError as exc:
+                    self._pass_folder(sorted(runs), folder, policy, dry, report)
+                except (OSError, ck.CheckpointError, ValueError, OverflowError) as exc:
                     report.errors.append(f"{folder}: {exc}")
                     self._count_error("scan")
                     log.warning("retention: %s: %s", folder, exc)
@@ -228,7 +233,8 @@ class RetentionManager:
                 self.alert(report.alerts)  # every pass: what is no longer said resolves
             return report
 
-    def _pass_folder(self, run: str, folder: Path, policy: pol.Policy, dry: bool, report: PassReport) -> None:
+    def _pass_folder(self, runs: list[str], folder: Path, policy: pol.Policy, dry: bool,
+                     report: PassReport) -> None:
         now = self.clock()
         if not dry:
             with self._folder_lock(folder) as held:
@@ -236,14 +242,21 @@ class RetentionManager:
                     log.info("retention: %s is locked by another deleter; skipping this pass", folder)
                     return
                 self._finish_interrupted(folder, report)
-                self._quarantine(run, folder, report)
+                for run in runs:
+                    self._quarantine(run, folder, report)
                 self._purge(folder, report)
         found = ck.scan(folder)
         complete = [c for c in found if c.complete]
-        ordinals = self._ordinals(run, complete)
-        last, alerts = self._last_step(run), self._alert_steps(run)
-        pins, resume = self._pins(run), _resume_target(folder)
-        registered = dict(self.conn.execute("SELECT path, saved_at FROM checkpoints WHERE run = ?", (run,)))
+        # Ordinals belong to the folder (stable whichever run saved into it).
+        ordinals = self._ordinals(f"folder:{folder}", complete)
+        last = max(self._last_step(r) for r in runs)
+        alerts = [s for r in runs for s in self._alert_steps(r)]
+        pins = set().union(*(self._pins(r) for r in runs))
+        incidents = [i for r in runs for i in self._incidents(r)]
+        resume = _resume_target(folder)
+        registered: dict[str, float] = {}
+        for r in runs:
+            registered.update(self.conn.execute("SELECT path, saved_at FROM checkpoints WHERE run = ?", (r,)))
         candidates = []
         for c in found:
             writing = not c.complete or (now - _newest_mtime(c.path)) < self.quiet_seconds
@@ -253,9 +266,11 @@ class RetentionManager:
                 health=pol.health(c.step, last, alerts, policy.confirm_steps),
                 pinned=c.step in pins, resume_target=resume is not None and c.path == resume,
                 ordinal=ordinals.get(str(c.path))))
-        plan = pol.plan(candidates, policy, self._incidents(run), now)
-        report.plans[run] = plan
-        self._record(run, candidates, plan, now)
+        plan = pol.plan(candidates, policy, incidents, now)
+        for r in runs:
+            report.plans[r] = plan
+            self._record(r, candidates, plan, now)
+        run = runs[0]
         for incident in plan.no_rollback_target:
             text = f"incident {incident}: no clean checkpoint before it exists in {folder}"
             report.alerts.append({"kind": "no_rollback_target", "run": run, "incident": incident,
@@ -447,7 +462,7 @@ def _newest_mtime(path: Path) -> float:
 
 def _resume_target(folder: Path) -> Path | None:
     """Where the trainer would resume from: DeepSpeed's ``latest`` file (a tag naming a folder)
-    or Lightning's ``last.ckpt`` symlink."""
+    or Lightning's ``last.ckpt`` (a symlink, or the copy ``save_last`` writes)."""
     latest = folder / "latest"
     with contextlib.suppress(OSError, UnicodeDecodeError):
         if latest.is_file():
@@ -458,6 +473,8 @@ def _resume_target(folder: Path) -> Path | None:
     if last.is_symlink():
         with contextlib.suppress(OSError, ck.CheckpointError):
             return ck.inside(folder, last.resolve())
+    if last.is_file():
+        return last  # Lightning's save_last writes a full copy: it is what ckpt_path="last" loads
     return None
 
 

@@ -301,3 +301,21 @@ def test_runs_sharing_a_folder_protect_each_others_checkpoints(world: dict[str, 
     for run in ("r", "r2"):
         reasons = {d["step"]: d["reason"] for d in mgr.decisions(conn, run)}
         assert reasons[10] == "pinned" and reasons[-1] == "the trainer's resume pointer points at it"
+
+
+def test_best_n_keeps_the_checkpoints_with_the_best_stored_metric(world: dict[str, Any]) -> None:
+    import numpy as np
+
+    folder, store = world["folder"], world["store"]
+    for step in (10, 20, 30, 40):
+        save_runwatch(folder, step)
+    info = store.register_stream("r", 0, 1, "host", 1, os.geteuid(), "test")
+    loss = {s: 2.0 - 0.01 * s for s in range(41)}
+    loss[20] = 0.1  # the best loss the run saw at a checkpoint (40 is the newest, kept anyway)
+    with store.conn:
+        set_id = store.metric_set_id(("loss",))
+        store.insert_rows([(info.id, s, float(s), set_id, np.array([v]).tobytes()) for s, v in loss.items()])
+    manager(world, best_n=1, best_metric="loss").run_pass()
+    reasons = {d["step"]: d["reason"] for d in mgr.decisions(store.conn, "r")}
+    assert reasons[20] == "one of the best_n by best_metric"
+    assert names(folder) == {"step-000000020", "step-000000040"}

@@ -37,10 +37,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from runwatch.daemon import checkpoints as ck
+from runwatch.daemon import store as store_mod
 from runwatch.daemon.retention import policy as pol
 from runwatch.daemon.store import Store
 
@@ -192,6 +194,22 @@ class RetentionManager:
     def _pins(self, run: str) -> set[int]:
         return {s for (s,) in self.conn.execute("SELECT step FROM pins WHERE run = ?", (run,))}
 
+    def _metric_at(self, runs: list[str], policy: pol.Policy, steps: list[int]) -> dict[int, float]:
+        """For ``best_n``: rank 0's ``best_metric`` at each checkpoint's step (the last value stored
+        at or before it), from the store."""
+        if not policy.best_n or not policy.best_metric:
+            return {}
+        out: dict[int, float] = {}
+        for run in runs:
+            have, values = store_mod.series(self.conn, run, 0, policy.best_metric)
+            if not len(have):
+                continue
+            for step in steps:
+                i = int(np.searchsorted(have, step, side="right")) - 1
+                if i >= 0 and step not in out:
+                    out[step] = float(values[i])
+        return out
+
     def _ordinals(self, run: str, complete: list[ck.Checkpoint]) -> dict[str, int]:
         """Each complete checkpoint's ordinal among all this run ever had (stable: "every Nth"
         keeps the same ones however many later ones come and go)."""
@@ -257,6 +275,7 @@ class RetentionManager:
         registered: dict[str, float] = {}
         for r in runs:
             registered.update(self.conn.execute("SELECT path, saved_at FROM checkpoints WHERE run = ?", (r,)))
+        metric = self._metric_at(runs, policy, [c.step for c in found])
         candidates = []
         for c in found:
             writing = not c.complete or (now - _newest_mtime(c.path)) < self.quiet_seconds
@@ -265,7 +284,7 @@ class RetentionManager:
                 size_bytes=c.size_bytes, complete=c.complete, writing=writing,
                 health=pol.health(c.step, last, alerts, policy.confirm_steps),
                 pinned=c.step in pins, resume_target=resume is not None and c.path == resume,
-                ordinal=ordinals.get(str(c.path))))
+                ordinal=ordinals.get(str(c.path)), metric=metric.get(c.step)))
         plan = pol.plan(candidates, policy, incidents, now)
         for r in runs:
             report.plans[r] = plan

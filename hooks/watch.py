@@ -269,8 +269,9 @@ class Watch:
         )
         self.control = self._make_control(control_every)
         self.sender.on_command = self.control.receive
-        while self.sender.early_commands:
-            self.control.receive(self.sender.early_commands.pop(0))
+        early = getattr(self.sender, "early_commands", [])  # a sender passed in may not keep any
+        while early:
+            self.control.receive(early.pop(0))
         self._apply_in_forward = model is not None
         self._handles: list[Any] = [optimizer.register_step_post_hook(self._after_step)]
         if optimizer_pre_hook:

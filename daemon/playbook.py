@@ -580,8 +580,10 @@ def _check_event(event: dict[str, Any]) -> None:
 # -- reads for the CLI (any thread, own connection) -------------------------------------------
 
 
-def incidents(conn: Any, run: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
-    where, args = ("WHERE run = ?", [run]) if run else ("", [])
+def incidents(conn: Any, run: str | None = None, limit: int = 50,
+              incident_id: int | None = None) -> list[dict[str, Any]]:
+    where, args = ("WHERE id = ?", [incident_id]) if incident_id is not None else \
+        ("WHERE run = ?", [run]) if run else ("", [])
     cur = conn.execute(f"SELECT id, run, state, rule, rank, metric, first_step, rewinds, opened, updated,"
                        f" summary FROM incidents {where} ORDER BY id DESC LIMIT ?", (*args, limit))
     keys = [d[0] for d in cur.description]
@@ -589,10 +591,10 @@ def incidents(conn: Any, run: str | None = None, limit: int = 50) -> list[dict[s
 
 
 def incident(conn: Any, incident_id: int) -> dict[str, Any] | None:
-    found = conn.execute("SELECT run FROM incidents WHERE id = ?", (incident_id,)).fetchone()
-    if found is None:
+    found = incidents(conn, incident_id=incident_id)
+    if not found:
         return None
-    head = next(i for i in incidents(conn, found[0], limit=1_000_000) if i["id"] == incident_id)
+    head = found[0]
     head["timeline"] = [
         {"time": t, "kind": k, "text": text, "detail": json.loads(d)}
         for t, k, text, d in conn.execute(

@@ -208,7 +208,7 @@ class Control:
                                 + (f" before step {before}" if before is not None else "")
                                 + (f" ({'; '.join(refused)})" if refused else ""))
         checkpoints.inside(folder, chosen.path)  # a symlink out of the folder is refused
-        restored = ckpt_io.load(chosen.path, model=_unwrap(w.model), optimizer=w.optimizer,
+        restored = ckpt_io.load(chosen.path, model=w.model, optimizer=w.optimizer,
                                 scheduler=w.scheduler)
         saved_scale = float(restored.extra.get("lr_scale", 1.0)) if restored.extra and "lr_scale" in \
             restored.extra else self.scale_at_save.get(str(chosen.path), 1.0)
@@ -291,10 +291,6 @@ def scale_learning_rate(optimizer: torch.optim.Optimizer, scheduler: Any, factor
 
 def _key(command: dict[str, Any]) -> tuple[str, int]:
     return str(command.get("origin", "")), int(command.get("id", -1))
-
-
-def _unwrap(model: torch.nn.Module | None) -> torch.nn.Module | None:
-    return getattr(model, "module", model) if model is not None else None
 
 
 def _to_cpu(obj: Any) -> Any:

@@ -440,7 +440,8 @@ class Watch:
             raise ValueError("watch.checkpoint(): pass checkpoint_dir= to watch()")
         if self.rank != 0:
             return None
-        saved = ckpt_io.save(self.checkpoint_dir, self.step, model=_unwrap(self.model),
+        # save() unwraps DDP and torch.compile itself.
+        saved = ckpt_io.save(self.checkpoint_dir, self.step, model=self.model,
                              optimizer=self.optimizer, scheduler=self.scheduler,
                              data_position={"batches": self.data_position},
                              extra={"lr_scale": self.control.lr_scale, "rewinds": self.control.rewinds,

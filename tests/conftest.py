@@ -117,6 +117,19 @@ class DaemonProcess:
         self.proc.wait(timeout=10)
 
 
+def cli_run(d: DaemonProcess, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+    """``runwatch ARGS --json`` against ``d``, as a user runs it."""
+    cmd = [sys.executable, "-m", "runwatch.daemon", *args, "--socket", str(d.socket), "--json"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kw)
+
+
+def cli(d: DaemonProcess, *args: str) -> Any:
+    """The JSON a successful ``runwatch ARGS --json`` prints."""
+    r = cli_run(d, *args)
+    assert r.returncode == 0, (args, r.returncode, r.stdout, r.stderr)
+    return json.loads(r.stdout)
+
+
 @pytest.fixture
 def rootdir() -> Iterator[Path]:
     root = short_tmpdir()

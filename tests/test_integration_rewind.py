@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import DaemonProcess, wait_for
+from conftest import DaemonProcess, cli, cli_run, wait_for
 
 from runwatch.daemon.store import Store, series
 
@@ -34,19 +33,6 @@ BASE_LR = 1e-3
 MAX_STEPS = 300  # a bound, not the length: training is stopped a few steps after the rewind
 STEPS_AFTER = 6  # steps trained after the rewind before stopping
 STEP_SLEEP = 0.05  # slow steps: time for the CLI to start and the command to arrive
-
-
-def cli_run(d: DaemonProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    """``runwatch ARGS --json`` against ``d``, as a user runs it."""
-    cmd = [sys.executable, "-m", "runwatch.daemon", *args, "--socket", str(d.socket), "--json"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-
-
-def cli(d: DaemonProcess, *args: str) -> Any:
-    """The JSON a successful ``runwatch ARGS --json`` prints."""
-    r = cli_run(d, *args)
-    assert r.returncode == 0, (args, r.returncode, r.stdout, r.stderr)
-    return json.loads(r.stdout)
 
 
 class Rewinder(threading.Thread):

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import REPO, DaemonProcess, RawClient, free_port, short_tmpdir, wait_for
+from conftest import REPO, DaemonProcess, RawClient, cli, cli_run, free_port, short_tmpdir, wait_for
 
 sys.path.insert(0, str(REPO / "tests"))
 import intervene_train
@@ -40,19 +40,6 @@ def start_daemon(root: Path, watch_steps: int = 30, **kw: Any) -> DaemonProcess:
     config = root / "runwatch.toml"
     config.write_text(PLAYBOOK.format(watch=watch_steps))
     return DaemonProcess(root, extra_args=["--config", str(config)], **kw).start()
-
-
-def cli_run(d: DaemonProcess, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
-    """``runwatch ARGS --json`` against ``d``, as a user runs it."""
-    cmd = [sys.executable, "-m", "runwatch.daemon", *args, "--socket", str(d.socket), "--json"]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kw)
-
-
-def cli(d: DaemonProcess, *args: str) -> Any:
-    """The JSON a successful ``runwatch ARGS --json`` prints."""
-    r = cli_run(d, *args)
-    assert r.returncode == 0, (args, r.returncode, r.stdout, r.stderr)
-    return json.loads(r.stdout)
 
 
 def train_cmd(d: DaemonProcess, root: Path, run: str, *extra: str) -> list[str]:

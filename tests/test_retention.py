@@ -212,7 +212,7 @@ def test_the_daemon_keeps_tiers_quarantines_after_a_rewind_and_honours_pins() ->
     import subprocess
     import sys
 
-    from conftest import REPO, DaemonProcess, short_tmpdir, wait_for
+    from conftest import REPO, DaemonProcess, cli, short_tmpdir, wait_for
 
     root = short_tmpdir()
     config = root / "runwatch.toml"
@@ -221,12 +221,6 @@ def test_the_daemon_keeps_tiers_quarantines_after_a_rewind_and_honours_pins() ->
                       "[retention]\nevery_nth = 4\nrecent_hours = 0\nlatest_k = 2\nconfirm_steps = 5\n")
     d = DaemonProcess(root, ["--config", str(config)]).start()
 
-    def cli(*args: str) -> Any:
-        cmd = [sys.executable, "-m", "runwatch.daemon", *args, "--socket", str(d.socket), "--json"]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)
-
     try:
         subprocess.run([sys.executable, str(REPO / "tests" / "intervene_train.py"), "--name", "tiers",
                         "--socket", str(d.socket), "--ckpt-dir", str(root / "ckpt"), "--out",
@@ -234,16 +228,16 @@ def test_the_daemon_keeps_tiers_quarantines_after_a_rewind_and_honours_pins() ->
                         "--step-seconds", "0.03"], check=True, timeout=240)
         abandoned = root / "ckpt" / mgr.ABANDONED / "incident-1"
         wait_for(lambda: abandoned.is_dir() and list(abandoned.iterdir()), what="the quarantine")
-        rewind = next(c for c in cli("incident", "show", "1")["commands"] if c["action"] == "rewind")
+        rewind = next(c for c in cli(d, "incident", "show", "1")["commands"] if c["action"] == "rewind")
         target = rewind["result"]["checkpoint_step"]
         # 105 is suspect (the spike came within 5 steps of it): the rewind went to 100.
         assert target == 100 and (root / "ckpt" / f"step-{target:09d}").is_dir()
         assert sorted(int(p.name.split("-")[1]) for p in abandoned.iterdir()) == [105, 110]
-        pinned = cli("pin", "tiers", "25")
+        pinned = cli(d, "pin", "tiers", "25")
         assert pinned == {"run": "tiers", "step": 25, "pinned": True}
 
         def settled() -> dict[int, dict[str, Any]] | None:
-            rows = {r["step"]: r for r in cli("checkpoints", "tiers")["retention"]}
+            rows = {r["step"]: r for r in cli(d, "checkpoints", "tiers")["retention"]}
             return rows if rows.get(25, {}).get("reason") == "pinned" and 140 in rows else None
 
         rows = wait_for(settled, timeout=30, what="a pass after the pin")
@@ -254,7 +248,7 @@ def test_the_daemon_keeps_tiers_quarantines_after_a_rewind_and_honours_pins() ->
         every_4th = {s for s, r in rows.items() if r["reason"] == "every Nth checkpoint: kept for good"}
         assert every_4th and all(r["keep"] for r in rows.values())
         assert 30 not in on_disk  # nothing keeps it: gone
-        plan = cli("retention", "plan", "tiers")
+        plan = cli(d, "retention", "plan", "tiers")
         assert plan["delete"] == [] and plan["enabled"]
         metrics = d.metrics_text()
         assert 'runwatch_retention_checkpoints{run="tiers",tier="pinned"} 1.0' in metrics

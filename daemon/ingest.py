@@ -220,6 +220,8 @@ class Ingest:
             if conn.stream is not None:
                 self._live.connected(conn.stream.id, -1)
                 self._hooks.get(conn.stream.run, set()).discard(conn)
+                if self._playbook is not None:
+                    self._playbook.disconnected(conn.stream)
             if conn.role in ("hook", "cli"):
                 self._metrics.connections.labels(conn.role).dec()
             if not task.cancelled() and not task.cancelling():

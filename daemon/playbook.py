@@ -38,9 +38,14 @@ from runwatch.daemon.store import Store, StreamInfo
 log = logging.getLogger("runwatch.playbook")
 
 ESCALATION_RULE = "playbook_escalation"
-ACTIONS = ("pause", "resume", "rewind", "dump_batch", "skip_shard")
+ACTIONS = ("pause", "resume", "rewind", "dump_batch", "dump_stacks", "skip_shard")
 #: Rule actions the playbook acts on (``alert`` is the notifier's).
-INTERVENTIONS = frozenset({"pause", "rewind", "dump_batch", "skip_shard", "verify_shard", "escalate"})
+INTERVENTIONS = frozenset({"pause", "rewind", "dump_batch", "dump_stacks", "skip_shard", "verify_shard",
+                           "escalate"})
+#: A phase (evaluation, a checkpoint save) holds a run's stall rules for at most this long.
+PHASE_MAX_SECONDS = 2 * 3600.0
+#: One stack dump per incident in this long, however many ranks' stall rules fire.
+STACKS_EVERY_SECONDS = 300.0
 #: Unapplied commands older than this are not pushed to a run that connects later.
 COMMAND_TTL_SECONDS = 24 * 3600.0
 
@@ -88,12 +93,13 @@ def decide(incident: Incident | None, actions: set[str], cfg: PlaybookConfig) ->
     none                          pause or rewind             pause, dump, rewind (auto)
                                                               or pause and wait (manual)
     none                          only dump/skip_shard        those; keep training
+                                  (or dump_stacks)
     watching (after a rewind)     pause or rewind             rewind again, or escalate
                                                               after ``max_rewinds``
     paused/rewinding/escalated    anything                    note it; nothing new
     ============================  ==========================  ==========================
     """
-    dump = ["dump_batch"] if "dump_batch" in actions else []
+    dump = [a for a in ("dump_stacks", "dump_batch") if a in actions]
     skip = ["skip_shard"] if "skip_shard" in actions else []
     stops = bool(actions & {"pause", "rewind", "escalate"})
     if incident is not None and incident.state in ("paused", "rewinding", "escalated"):
@@ -110,6 +116,20 @@ def decide(incident: Incident | None, actions: set[str], cfg: PlaybookConfig) ->
         return Decision(["pause", *dump], "escalated", Reason.RECURRED_TOO_OFTEN, escalate=True,
                         fields={"rewinds": incident.rewinds})
     return Decision(["pause", *dump, "rewind", *skip], "rewinding", Reason.RECURRED_REWIND)
+
+
+def _where(r: dict[str, Any]) -> str:
+    """Where a rank's training thread was, from its stack dump's answer."""
+    step = r.get("last_step")
+    text = (f"finished step {step}, " + ("inside step" if r.get("began_next_step") else "not yet in step")
+            + f" {int(step) + 1 if isinstance(step, int) else '?'}")
+    if r.get("phase"):
+        text += f", in phase {r['phase']}"
+    if r.get("main_thread_in"):
+        text += f"; training thread under {r['main_thread_in']}"
+    if r.get("main_thread_at") and r.get("main_thread_at") != r.get("main_thread_in"):
+        text += f", at {r['main_thread_at']}"
+    return text
 
 
 class ControlRefused(Exception):
@@ -144,6 +164,15 @@ class Playbook:
         #: Runs paused now; read by the service's clock (replaced whole, never mutated).
         self.paused_runs: frozenset[str] = frozenset(
             r for (r,) in self.conn.execute("SELECT run FROM run_control WHERE state = 'paused'"))
+        #: (run, rank) -> (phase, since) for ranks busy in an announced phase (replaced whole).
+        self.phases: dict[tuple[str, int], tuple[str, float]] = {}
+
+    def busy_runs(self) -> frozenset[str]:
+        """Runs with a rank in a phase (evaluation, saving) begun less than
+        ``PHASE_MAX_SECONDS`` ago (any thread)."""
+        now = self.clock()
+        return frozenset(run for (run, _), (_, since) in self.phases.items()
+                         if now - since < PHASE_MAX_SECONDS)
 
     # -- reading state ----------------------------------------------------------------
 
@@ -295,6 +324,10 @@ class Playbook:
                 args = {"shard": int(e.shard)}
             elif action == "dump_batch":
                 args = {"incident": incident.id}
+            elif action == "dump_stacks":
+                args = {"incident": incident.id}
+                if self._asked_for_stacks(incident.id):
+                    continue  # every rank's stall fires; one dump covers them all
             self._command(e.run, action, args, f"rule {e.rule}", incident.id)
         if "verify_shard" in actions and e.shard is not None:
             self._verify_shard(e.run, incident.id, int(e.shard))
@@ -309,6 +342,11 @@ class Playbook:
         text = (reason if decision.reason is not Reason.ALREADY_HANDLING
                 else "the run is paused and needs a person")
         return [self._escalation(e, incident.id, text)]
+
+    def _asked_for_stacks(self, incident_id: int) -> bool:
+        return self.conn.execute(
+            "SELECT 1 FROM commands WHERE incident_id = ? AND action = 'dump_stacks' AND created > ?",
+            (incident_id, self.clock() - STACKS_EVERY_SECONDS)).fetchone() is not None
 
     def _verify_shard(self, run: str, incident_id: int, shard: int) -> None:
         """Check the shard against the run's data manifest off this thread (hashing a shard can
@@ -378,6 +416,8 @@ class Playbook:
                 _check_event(event)
                 if kind == "checkpoint":
                     self._checkpoint(stream, event)
+                elif kind == "phase":
+                    self._phase(stream, event)
                 elif kind == "command":
                     out = self._applied(stream, event)
                     self.conn.execute("RELEASE act")
@@ -400,6 +440,20 @@ class Playbook:
             (stream.run, int(e["step"]), str(e["path"]), str(e.get("format", "runwatch")),
              int(e.get("size_bytes") or 0), float(e.get("saved_at") or self.clock()), self.clock()))
 
+    def _phase(self, stream: StreamInfo, e: dict[str, Any]) -> None:
+        key = (stream.run, stream.rank)
+        phases = dict(self.phases)
+        if e.get("state") == "begin":
+            phases[key] = (str(e.get("phase", "phase")), self.clock())
+        else:
+            phases.pop(key, None)
+        self.phases = phases
+
+    def disconnected(self, stream: StreamInfo) -> None:
+        """A rank's connection ended: a phase it announced ends with it (any thread)."""
+        if (stream.run, stream.rank) in self.phases:
+            self.phases = {k: v for k, v in self.phases.items() if k != (stream.run, stream.rank)}
+
     def _applied(self, stream: StreamInfo, e: dict[str, Any]) -> list[Event]:
         if e.get("origin") != self.origin:
             return []  # another node's daemon sent it (ranks agree on commands across nodes)
@@ -415,6 +469,8 @@ class Playbook:
         self.conn.execute(
             "INSERT OR REPLACE INTO command_acks (command_id, rank, step, state, result, time)"
             " VALUES (?, ?, ?, ?, ?, ?)", (cid, stream.rank, step, state, json.dumps(result), self.clock()))
+        if action == "dump_stacks":
+            self._stacks_answer(stream, cid, incident_id, state, result)
         if before != "pending":
             return []  # the first rank's answer tells the story; the others are in command_acks
         self.conn.execute("UPDATE commands SET state = ?, step = ?, result = ?, updated = ? WHERE id = ?",
@@ -457,6 +513,8 @@ class Playbook:
             out += self._end_escalation(run, f"rewound at step {step}")
         elif action == "dump_batch":
             text = f"dumped {result.get('batches', 0)} batches to {result.get('path')}"
+        elif action == "dump_stacks":
+            return out  # each rank's answer is in the timeline already
         elif action == "skip_shard":
             text = f"skipping shard {result.get('shard')} from step {step}"
         else:
@@ -464,6 +522,39 @@ class Playbook:
         if incident_id is not None:
             self._timeline(incident_id, "applied", text, command=cid, step=step, result=result)
         return out
+
+    def _stacks_answer(self, stream: StreamInfo, cid: int, incident_id: int | None, state: str,
+                       result: dict[str, Any]) -> None:
+        """Every rank's stack dump goes into the timeline; once all ranks answered, say which
+        are behind (finished the fewest steps, or have not begun the next one) and where."""
+        if incident_id is None:
+            return
+        if state != "applied":
+            self._timeline(incident_id, "failed", f"rank {stream.rank} could not dump its stacks: "
+                           f"{result.get('detail')}", command=cid)
+            return
+        files = ", ".join(str(Path(str(result.get("path", ""))) / f) for f in result.get("files", []))
+        self._timeline(incident_id, "dump", f"rank {stream.rank} stacks: {files}; {_where(result)}",
+                       command=cid, rank=stream.rank, result=result)
+        answers = {rank: json.loads(body) for rank, body, st in self.conn.execute(
+            "SELECT rank, result, state FROM command_acks WHERE command_id = ?", (cid,)) if st == "applied"}
+        if len(answers) < stream.world_size:
+            return
+
+        def progress(r: dict[str, Any]) -> tuple[int, bool]:
+            return int(r.get("last_step", -1)), bool(r.get("began_next_step"))
+
+        low = min(progress(r) for r in answers.values())
+        behind = sorted(rank for rank, r in answers.items() if progress(r) == low)
+        if len(behind) == len(answers):
+            text = f"all {len(answers)} ranks are at the same point ({_where(answers[behind[0]])})"
+        else:
+            waiting = sorted(set(answers) - set(behind))
+            def show(ranks: list[int]) -> str:
+                return "; ".join(f"rank {r} ({_where(answers[r])})" for r in ranks)
+
+            text = f"behind: {show(behind)} | waiting for them: {show(waiting)}"
+        self._timeline(incident_id, "diagnosis", text, command=cid, behind=behind)
 
     def _synthetic(self, run: str, rank: int, step: Any) -> Event:
         return Event(rule=ESCALATION_RULE, version="playbook", severity="critical", state="firing",

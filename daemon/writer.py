@@ -29,6 +29,7 @@ from runwatch.daemon.exporter import DaemonMetrics
 from runwatch.daemon.live import LiveView
 from runwatch.daemon.playbook import Playbook
 from runwatch.daemon.protocol import Block, Samples
+from runwatch.daemon.ranks import RankComparison
 from runwatch.daemon.rules.engine import Engine, Event, StreamRef
 from runwatch.daemon.store import Store, StreamInfo
 
@@ -76,6 +77,7 @@ class Writer:
         self.engine = engine
         self.on_events = on_events
         self._refs: dict[int, StreamRef] = {}
+        self.ranks = RankComparison()  # derived series: how long each rank makes the others wait
         self.live = live
         self.metrics = metrics
         self._notify = notify
@@ -137,6 +139,10 @@ class Writer:
         started = time.perf_counter()
         store = self.store
         error: BaseException | None = None
+        for w in writes:
+            blocks = self.ranks.derive(w.stream, w.samples.blocks)
+            if blocks is not None:
+                w.samples = Samples(w.samples.seq, blocks)
         try:
             with store.conn:
                 last_seen: dict[int, float] = {}
@@ -202,7 +208,7 @@ class Writer:
         by_stream: dict[int, list[Block]] = {}
         for w in writes:
             if w.stream.id not in self._refs:
-                self._refs[w.stream.id] = StreamRef(w.stream.id, w.stream.run, w.stream.rank)
+                self._refs[w.stream.id] = StreamRef(w.stream.id, w.stream.run, w.stream.rank, w.stream.host)
             by_stream.setdefault(w.stream.id, []).extend(w.samples.blocks)
         events: list[Event] = []
         for stream_id, blocks in by_stream.items():
@@ -223,12 +229,13 @@ class Writer:
         self.metrics.rule_seconds.inc(time.perf_counter() - started)
         self.record(events, now)
 
-    def tick(self, connected: list[int]) -> None:
+    def tick(self, connected: list[int], held: list[int] | None = None) -> None:
         """Judge ``absent`` rules and the playbook's clock now (queued: runs on this thread, in
-        order with the writes)."""
+        order with the writes). ``held`` streams are connected but not expected to step."""
         if self.engine is not None:
             engine = self.engine
-            self.call(lambda store: self.guarded(lambda: self.record(engine.tick(time.time(), connected))))
+            self.call(lambda store: self.guarded(lambda: self.record(
+                engine.tick(time.time(), connected, held or []))))
         if self.playbook is not None:
             playbook = self.playbook
             self.call(lambda store: self.guarded(lambda: self.record(playbook.tick())))

@@ -18,9 +18,14 @@ the host. Both happen only while the run is paused for an incident, never in ste
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
+import os
+import sys
+import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +44,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("runwatch.hooks")
 
 HEARTBEAT_SECONDS = 5.0
+#: Commands applied on the sender thread as soon as they arrive, not at a step boundary.
+IMMEDIATE = frozenset({"dump_stacks"})
 
 
 class CommandFailed(Exception):
@@ -77,11 +84,30 @@ class Control:
         # must not scale its already-scaled rates again.
         self.scale_at_save: dict[str, float] = {}
         self.data_consumer = False  # set once the loop draws batches through watch.data()
+        self.done_now: set[tuple[str, int]] = set()  # immediate commands (sender thread only)
 
     # -- sender thread -----------------------------------------------------------------
 
     def receive(self, command: dict[str, Any]) -> None:
-        self.inbox.append(command)
+        if command.get("action") in IMMEDIATE:
+            self._now(command)
+        else:
+            self.inbox.append(command)
+
+    def _now(self, command: dict[str, Any]) -> None:
+        """Apply a command on this (sender) thread at once: it must work while the training
+        thread is stuck, inside a collective or anywhere else."""
+        key = _key(command)
+        if key in self.done_now:
+            return
+        self.done_now.add(key)
+        try:
+            result = dump_stacks(self.watch, command.get("args") or {}, command)
+        except Exception as exc:  # never let a dump take the sender thread down
+            log.error("runwatch: %s (command %s) failed: %r", command.get("action"), key, exc)
+            self._ack(command, "failed", self.watch.step, {}, repr(exc))
+        else:
+            self._ack(command, "applied", self.watch.step, result, "")
 
     # -- training thread ---------------------------------------------------------------
 
@@ -268,6 +294,56 @@ class Control:
             self.skipped.samples += samples
             self.skipped.tokens += tokens
         return drop
+
+
+def dump_stacks(watch: Watch, args: dict[str, Any], command: dict[str, Any]) -> dict[str, Any]:
+    """Write every thread's Python stack (and the NCCL flight recorder, when it is on) into the
+    incident folder; say where the training thread is."""
+    incident = args.get("incident", command.get("id"))
+    folder = watch.incident_dir / f"incident-{incident}" / f"rank{watch.rank}"
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    stacks = folder / f"stacks-{stamp}.txt"
+    with stacks.open("w") as f:
+        faulthandler.dump_traceback(file=f, all_threads=True)
+    files = [stacks.name]
+    nccl = _nccl_trace()
+    if nccl is not None:
+        (folder / f"nccl-trace-{stamp}.pkl").write_bytes(nccl)
+        files.append(f"nccl-trace-{stamp}.pkl")
+    where, caller = _main_thread_position()
+    return {"path": str(folder), "files": files, "main_thread_at": where, "main_thread_in": caller,
+            **watch.progress()}
+
+
+def _main_thread_position() -> tuple[str, str]:
+    """The training thread's innermost frame, and the innermost one outside torch and
+    runwatch (the line of the training script it is stuck under)."""
+    frame = sys._current_frames().get(threading.main_thread().ident or -1)
+    if frame is None:
+        return "", ""
+    stack = traceback.extract_stack(frame)
+    library = (str(Path(torch.__file__).parent) + os.sep, str(Path(__file__).parent) + os.sep)
+
+    def show(f: traceback.FrameSummary) -> str:
+        return f"{f.filename}:{f.lineno} in {f.name}"
+
+    caller = next((f for f in reversed(stack) if not f.filename.startswith(library)), stack[-1])
+    return show(stack[-1]), show(caller)
+
+
+def _nccl_trace() -> bytes | None:
+    """The NCCL flight recorder's buffer (``TORCH_NCCL_TRACE_BUFFER_SIZE`` > 0), or None."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_backend() != "nccl":
+        return None
+    if int(os.environ.get("TORCH_NCCL_TRACE_BUFFER_SIZE", "0") or 0) <= 0:
+        return None
+    try:
+        return bytes(torch._C._distributed_c10d._dump_nccl_trace())  # type: ignore[attr-defined]
+    except Exception:
+        log.exception("runwatch: could not read the NCCL flight recorder")
+        return None
 
 
 def scale_learning_rate(optimizer: torch.optim.Optimizer, scheduler: Any, factor: float) -> None:

@@ -20,7 +20,12 @@ hook, so the loop does not change. Per optimizer step it records (keys as sent):
 ``token_efficiency``           useful / total tokens
 ``tokens_per_second``          and ``samples_per_second``, over the host step time
 ``learning_rate/<group>``      per optimizer parameter group
-``step_duration_seconds``      host wall time between optimizer steps
+``step_duration_seconds``      host wall time between optimizer steps (time paused or in a
+                               ``phase`` not counted)
+``data_wait_seconds``          host time from the optimizer step to the next step's first
+                               forward: waiting for the data loader and the loop's own work
+``forward_seconds``            host time inside the model's forward calls (on a GPU: the time
+                               to queue the kernels, which grows when the host is the bottleneck)
 ``hook_seconds``               host time spent inside these hooks during the step
 ``batch_fingerprint``          hash of the last micro-batch's token ids (< 2**31)
 ``data_shard``, ``data_offset``  where the batch came from, when the loop calls ``batch()``
@@ -52,6 +57,7 @@ training carries on.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import logging
 import os
@@ -61,7 +67,7 @@ import sys
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -238,6 +244,10 @@ class Watch:
         self._forwards_this_step = 0
         self._mb_partial_step = False
         self._microbatch_mode: bool | str = False
+        self._step_began: float | None = None  # host time of this step's first forward
+        self._forward_began: float | None = None
+        self._forward_seconds = 0.0
+        self._phase: str | None = None
 
         self.buffer = StepBuffer(flush_every, self.device, self._emit)
         inner = _unwrap(model)
@@ -281,6 +291,10 @@ class Watch:
                 self._handles.append(model.register_forward_pre_hook(self._before_forward,
                                                                      with_kwargs=True))
             self._handles.append(model.register_forward_hook(self._after_forward))
+            # Timed on the inner module: DDP's forward may wait for the other ranks (buffer
+            # broadcast), and that wait is not this rank's own work.
+            self._handles.append(inner.register_forward_pre_hook(self._time_forward_begin))
+            self._handles.append(inner.register_forward_hook(self._time_forward_end))
             self._attach_layers(inner, layers)
             self._attach_gradient_taps(model, microbatch_norms)
         if capture_clip:
@@ -441,11 +455,12 @@ class Watch:
         if self.rank != 0:
             return None
         # save() unwraps DDP and torch.compile itself.
-        saved = ckpt_io.save(self.checkpoint_dir, self.step, model=self.model,
-                             optimizer=self.optimizer, scheduler=self.scheduler,
-                             data_position={"batches": self.data_position},
-                             extra={"lr_scale": self.control.lr_scale, "rewinds": self.control.rewinds,
-                                    **extra})
+        with self.phase("checkpoint"):
+            saved = ckpt_io.save(self.checkpoint_dir, self.step, model=self.model,
+                                 optimizer=self.optimizer, scheduler=self.scheduler,
+                                 data_position={"batches": self.data_position},
+                                 extra={"lr_scale": self.control.lr_scale, "rewinds": self.control.rewinds,
+                                        **extra})
         self._register(saved)
         return saved
 
@@ -464,6 +479,37 @@ class Watch:
     def _register(self, c: Checkpoint) -> None:
         self.sender.put_event({"type": "checkpoint", "step": c.step, "path": str(c.path), "format": c.format,
                                "size_bytes": c.size_bytes, "saved_at": c.saved_at})
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Mark time the run spends on something other than steps (evaluation, saving a
+        checkpoint): the daemon does not read the gap in steps as a stall (any rank's phase
+        holds the whole run, since the others wait for it), and the time is left out of the
+        next step's duration and data wait."""
+        began = time.perf_counter()
+        self._phase_event(name, "begin")
+        self._phase = name
+        try:
+            yield
+        finally:
+            self._phase = None
+            self._phase_event(name, "end")
+            if self._last_step_end is not None:
+                self._last_step_end += time.perf_counter() - began
+
+    def _phase_event(self, name: str, state: str) -> None:
+        if self.enabled:
+            self.sender.put_event({"type": "phase", "phase": str(name)[:64], "state": state,
+                                   "step": self.step})
+
+    def progress(self) -> dict[str, Any]:
+        """Where the training thread is, read from another thread (a stall dump): the last
+        step it finished, whether it has begun the next one, and for how long it has been."""
+        now = time.perf_counter()
+        last = self._last_step_end
+        return {"last_step": self.step - 1, "began_next_step": self._step_began is not None,
+                "seconds_since_last_step": None if last is None else round(now - last, 3),
+                "phase": self._phase}
 
     def data(self, batches: Any, shard: Callable[[Any], Any] | None = None, start: int = 0) -> Any:
         """Iterate ``batches``, dropping (and counting) those a command says to skip: the
@@ -559,6 +605,10 @@ class Watch:
 
     def _inputs(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._step_start()
+        if self._step_began is None:
+            self._step_began = time.perf_counter()
+            if self._last_step_end is not None:
+                self.buffer.put("data_wait_seconds", self._step_began - self._last_step_end)
         counts = token_counts(args, kwargs, self.ignore_index, self.pad_id)
         if counts is not None:
             useful, total, samples = counts
@@ -594,6 +644,15 @@ class Watch:
         if isinstance(loss, torch.Tensor) and loss.numel() == 1:
             self.buffer.add("loss", loss)
             self._last_loss = loss
+
+    def _time_forward_begin(self, module: torch.nn.Module, args: Any) -> None:
+        if module.training and torch.is_grad_enabled():
+            self._forward_began = time.perf_counter()
+
+    def _time_forward_end(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if self._forward_began is not None:
+            self._forward_seconds += time.perf_counter() - self._forward_began
+            self._forward_began = None
 
     @_guarded
     def _on_activation(self, key: str, output: Any) -> None:
@@ -705,7 +764,11 @@ class Watch:
             buf.put("step_duration_seconds", now - self._last_step_end)
         if self.sender.dropped_points:
             buf.put("hook_dropped_points", self.sender.dropped_points)
+        if self._forward_seconds:
+            buf.put("forward_seconds", self._forward_seconds)
+            self._forward_seconds = 0.0
         self._last_step_end = now
+        self._step_began = None
         self._last_loss = None
         # This call's own time is added by the wrapper after it returns, so it is counted in
         # the next step's figure: the sum over a run is exact, each step's is off by one call.

@@ -90,11 +90,11 @@ def train(
             loss = loss * float("nan")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if step_seconds:
+            # A GPU-bound step: the host waits for the device (inside the step) this long at least.
+            time.sleep(max(0.0, step_seconds - (time.perf_counter() - t0)))
         optimizer.step()
         schedule.step()
-        if step_seconds:
-            # A GPU-bound step: the host waits for the device this long at least.
-            time.sleep(max(0.0, step_seconds - (time.perf_counter() - t0)))
         durations.append(time.perf_counter() - t0)
     watch.close()
 

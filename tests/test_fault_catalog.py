@@ -9,6 +9,7 @@ daemon running the shipped pack; alerts are read back the way a user reads them
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -114,6 +115,12 @@ def test_fault_is_caught_within_two_steps(pack_daemon: DaemonProcess, fault: str
     )
     assert at <= first["step"] <= at + 2, first
     assert text in first["summary"], first["summary"]
+    if fault == "slow_loader":
+        # The alert says the run now waits for its data, and did not before.
+        wait = re.search(r"data wait (\d+)% of each step over the last \d+ steps, (\d+)% before",
+                         first["summary"])
+        assert wait, first["summary"]
+        assert int(wait[1]) >= 50 and int(wait[2]) <= 20, first["summary"]
     assert first["rule_version"] and first["window"] is not None
     if rule in ("grad_norm_divergence", "grad_norm_nonfinite"):
         assert {d["action"] for d in first["decisions"]} >= {"pause"}, first["decisions"]

@@ -22,7 +22,7 @@ import statistics
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -32,11 +32,14 @@ from runwatch.daemon.rules.baseline import Window, describe
 from runwatch.daemon.rules.spec import Condition, Leaf, LoadedRule, Rule
 
 SHARD_KEY = "data_shard"
+DATA_WAIT_KEY = "data_wait_seconds"
+STEP_SECONDS_KEY = "step_duration_seconds"
 _NAN = np.float64(np.nan)
 _TRUE_READY = np.True_
 ZSCORE_FLOOR = 0.01  # a spread below 1% of the center counts as 1%: tiny moves of flat series are not news
 ARRIVAL_HISTORY = 32
 RECENT_VALUES = 5
+WAIT_HISTORY = 256
 MIN_ARRIVALS = 3
 FORGET_SECONDS = 3600.0  # a stream silent and disconnected this long loses its rule state
 
@@ -73,6 +76,7 @@ class StreamRef:
     id: int
     run: str
     rank: int
+    host: str = ""
 
 
 # -- per-series state ---------------------------------------------------------------------
@@ -261,6 +265,8 @@ class StreamTrack:
     last_arrival: float | None = None
     gaps: deque[float] = field(default_factory=lambda: deque(maxlen=ARRIVAL_HISTORY))
     shard: float | None = None
+    # (step, share of the step spent waiting for data), for alerts with ``context: [data_wait]``
+    waits: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=WAIT_HISTORY))
 
 
 class Engine:
@@ -358,6 +364,11 @@ class Engine:
             track.gaps.append(now - track.last_arrival)
         track.last_arrival = now
         shards = values[:, names.index(SHARD_KEY)] if SHARD_KEY in names else None
+        if DATA_WAIT_KEY in names and STEP_SECONDS_KEY in names:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                share = values[:, names.index(DATA_WAIT_KEY)] / values[:, names.index(STEP_SECONDS_KEY)]
+            track.waits.extend((int(s), float(w)) for s, w in zip(steps, share, strict=True)
+                               if np.isfinite(w))
         events: list[Event] = []
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             for st in self._rule_states(ref):
@@ -439,13 +450,21 @@ class Engine:
             events.append(event)
         return events
 
-    def tick(self, now: float, connected: Iterable[int]) -> list[Event]:
-        """Judge ``absent`` rules: a connected stream with no new step for too long."""
+    def tick(self, now: float, connected: Iterable[int], held: Iterable[int] = ()) -> list[Event]:
+        """Judge ``absent`` rules: a connected stream with no new step for too long. A ``held``
+        stream (its run is paused, or busy in an announced phase such as evaluation) is
+        connected but not judged, and its silence starts counting only when it is released."""
         if self.host_io is not None:
             self.host_io.sample()
-        live = set(connected)
-        events = self.forget_idle(now, live)
+        live, held = set(connected), set(held)
+        for sid in held:
+            track = self._streams.get(sid)
+            if track is not None and track.last_arrival is not None:
+                track.last_arrival = max(track.last_arrival, now)
+        events = self.forget_idle(now, live | held)
         for sid, track in self._streams.items():
+            if sid in held:
+                continue
             for st in self._rule_states(track.ref):
                 if not st.rule.absent:
                     continue
@@ -462,9 +481,34 @@ class Engine:
                     continue
                 st.firing[0] = stalled
                 why = None if stalled else "steps arrive again" if sid in live else "the hook disconnected"
-                events.append(self._event(st, "firing" if stalled else "resolved", "", track.last_step, now,
-                                          silent, math.nan if usual is None else usual, track.shard, why))
+                event = self._event(st, "firing" if stalled else "resolved", "", track.last_step, now,
+                                    silent, math.nan if usual is None else usual, track.shard, why)
+                if stalled:
+                    ranks = self._ranks_behind(track.ref.run, now)
+                    event = replace(event, summary=f"{event.summary}; {ranks}",
+                                    context={**event.context, "ranks": ranks})
+                    with self._lock:
+                        self._active[event.key] = event
+                events.append(event)
         return events
+
+    def _ranks_behind(self, run: str, now: float) -> str:
+        """Which ranks of ``run`` are behind, and the step each last reported."""
+        tracks = sorted((t for t in self._streams.values()
+                         if t.ref.run == run and t.last_arrival is not None), key=lambda t: t.ref.rank)
+        if not tracks:
+            return ""
+        low = min(t.last_step for t in tracks)
+        behind = [t for t in tracks if t.last_step == low]
+
+        def show(t: StreamTrack) -> str:
+            ago = now - (t.last_arrival or now)
+            return f"rank {t.ref.rank} ({t.ref.host or '?'}) step {t.last_step}, {ago:.0f}s ago"
+
+        if len(behind) == len(tracks):
+            return f"every rank seen last reported step {low}: " + "; ".join(map(show, tracks))
+        ahead = [t for t in tracks if t.last_step != low]
+        return ("behind: " + "; ".join(map(show, behind)) + " | ahead: " + "; ".join(map(show, ahead)))
 
     def forget_idle(self, now: float, connected: set[int]) -> list[Event]:
         """Drop the state of streams gone (not connected, no step) for ``FORGET_SECONDS``,
@@ -502,6 +546,11 @@ class Engine:
         if state == "firing" and "host_io" in rule.context and self.host_io is not None:
             summary += f"; {self.host_io.describe()}"
             context = self.host_io.context()
+        if state == "firing" and "data_wait" in rule.context:
+            text = _data_wait(self._streams.get(st.stream.id), step)
+            if text:
+                summary += f"; {text}"
+                context["data_wait"] = text
         if state == "firing" and "gpu" in rule.context and self.gpu_state is not None:
             gpus = self.gpu_state()
             if gpus:
@@ -600,6 +649,21 @@ class Engine:
             return list(self._active.values())
 
 
+def _data_wait(track: StreamTrack | None, step: int) -> str:
+    """The share of each step spent waiting for data: over the last few steps up to ``step``
+    and, for comparison, the median before them."""
+    if track is None:
+        return ""
+    upto = [w for s, w in track.waits if s <= step]
+    if len(upto) < 2:
+        return ""
+    recent, before = upto[-RECENT_VALUES:], upto[:-RECENT_VALUES]
+    text = f"data wait {statistics.median(recent):.0%} of each step over the last {len(recent)} steps"
+    if before:
+        text += f", {statistics.median(before):.0%} before"
+    return text
+
+
 def _summary(
     rule: Rule,
     stream: StreamRef,
@@ -617,6 +681,7 @@ def _summary(
         "rule": rule.name,
         "run": stream.run,
         "rank": stream.rank,
+        "host": stream.host or "unknown host",
         "metric": metric,
         "step": step,
         "value": value,

@@ -48,12 +48,14 @@ from pydantic import (
 
 M = TypeVar("M", bound=BaseModel)
 Severity = Literal["info", "warning", "critical"]
-Action = Literal["alert", "pause", "rewind", "dump_batch", "skip_shard", "verify_shard", "escalate"]
+Action = Literal["alert", "pause", "rewind", "dump_batch", "dump_stacks", "skip_shard", "verify_shard",
+                 "escalate"]
 SEVERITY_ORDER = {"info": 0, "warning": 1, "critical": 2}
 
 #: Fields a ``summary`` may use.
 SUMMARY_FIELDS = frozenset(
-    {"rule", "run", "rank", "metric", "step", "value", "baseline", "ratio", "window", "severity", "shard"}
+    {"rule", "run", "rank", "host", "metric", "step", "value", "baseline", "ratio", "window", "severity",
+     "shard"}
 )
 
 
@@ -275,9 +277,10 @@ class Rule(_Strict):
     ]
     for_: SpanField = Field(default=Span(steps=1), alias="for")
     labels: dict[str, str] = Field(default_factory=dict)
-    context: list[Literal["host_io", "gpu"]] = Field(
+    context: list[Literal["host_io", "gpu", "data_wait"]] = Field(
         default_factory=list,
-        description="add to a firing: host_io, the node's disk and network rates; gpu, each GPU's state",
+        description="add to a firing: host_io, the node's disk and network rates; gpu, each GPU's state;"
+        " data_wait, the share of each step the run waited for data, now and before",
     )
 
     @model_validator(mode="after")
@@ -343,6 +346,7 @@ def _check_summary(text: str) -> None:
         "rule": "r",
         "run": "run",
         "rank": 0,
+        "host": "node1",
         "metric": "m",
         "step": 1,
         "value": 1.5,

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from runwatch.daemon import __version__
+from runwatch.daemon import __version__, sdnotify
 from runwatch.daemon import playbook as playbook_mod
 from runwatch.daemon import store as store_mod
 from runwatch.daemon.config import ConfigError, Settings
@@ -198,11 +198,17 @@ class Daemon:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
-            loop.add_signal_handler(signal.SIGHUP, self._reload_settings)
+            ready = f"listening on {s.socket}, exporter {self.exporter_url or 'off'}"
+            loop.add_signal_handler(signal.SIGHUP, lambda: sdnotify.reloading(self._reload_settings, ready))
             log.info("runwatch %s listening on %s, exporter %s, store %s",
                      __version__, s.socket, self.exporter_url or "off", s.store_path)
+            sdnotify.ready(ready)  # systemd (Type=notify): the socket accepts connections from here on
+            pinging = sdnotify.Watchdog.start(probe=lambda: writer.call(lambda _: None))
             await stop.wait()
             log.info("draining: no new frames; committing and acknowledging what was received")
+            sdnotify.stopping()
+            if pinging is not None:
+                pinging.cancel()
             ingest.stop_reading()
             if not await ingest.wait_acked(timeout=30):
                 log.error("drain timed out; unacknowledged frames will be resent by the hooks")
@@ -260,10 +266,10 @@ class Daemon:
         """Drive the clock-judged rules (``absent``) once a second."""
         while True:
             await asyncio.sleep(TICK_SECONDS)
-            # A paused run sends no steps by design: that is not a stall.
-            paused = self.playbook.paused_runs
-            self._writer.tick([st.info.id for st in self.live.snapshot()
-                               if st.connections > 0 and st.info.run not in paused])
+            # A paused run, or one busy evaluating or saving, sends no steps by design: not a stall.
+            held_runs = self.playbook.paused_runs | self.playbook.busy_runs()
+            connected = [st.info for st in self.live.snapshot() if st.connections > 0]
+            self._writer.tick([i.id for i in connected], [i.id for i in connected if i.run in held_runs])
 
     def _retention_alerts(self, alerts: list[dict[str, Any]]) -> None:
         """The retention manager's findings as alerts: firing while a pass says so, resolved
@@ -301,7 +307,7 @@ class Daemon:
         sets = store_mod.metric_sets(store.conn)
         recent = time.time() - WARM_SECONDS
         for info in store_mod.streams(store.conn, seen_since=recent):
-            ref = StreamRef(info.id, info.run, info.rank)
+            ref = StreamRef(info.id, info.run, info.rank, info.host)
             rows = store_mod.recent_rows(store.conn, info.id, WARM_ROWS)
             # Consecutive rows of one metric set are judged as one batch, as the writer does.
             for set_id, group in groupby(rows, key=lambda row: row[2]):
@@ -315,7 +321,7 @@ class Daemon:
         engine.clear_firing()
         open_alerts = [Event(**row) for row in store_mod.open_alerts(store.conn)]
         self.playbook.restore(open_alerts)
-        refs = {(info.run, info.rank): StreamRef(info.id, info.run, info.rank)
+        refs = {(info.run, info.rank): StreamRef(info.id, info.run, info.rank, info.host)
                 for info in store_mod.streams(store.conn)}
         now = time.time()
         lost = engine.restore_firing(

@@ -1,5 +1,5 @@
 # Two entry points, each doing its own set-up on a fresh machine:
-#   make demo   start a daemon, train a tiny model with the hook, show status, stop
+#   make demo   a tiny GPT meets a bad batch: spike, guard, pause, dump, rewind, resume, report (< 2 min)
 #   make test   lint and the whole test suite (installs Debian's prometheus for the real-server tests)
 #
 # torch is installed first and pinned, so that nothing later pulls a multi-GB CUDA build.

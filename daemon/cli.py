@@ -15,6 +15,7 @@
     runwatch incidents [--run NAME] [--json] | runwatch incident show ID [--json]
     runwatch checkpoints RUN [--json] | retention plan RUN [--json] | pin RUN STEP | unpin RUN STEP
     runwatch manifest DATA_DIR [--verify [--shard S]] [--json]
+    runwatch report RUN [--incident ID] [--out DIR] [--json]   (reads the store; no daemon needed)
     runwatch demo
 """
 
@@ -31,7 +32,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from runwatch.daemon import __version__, paths
+from runwatch.daemon import __version__, dashboards, paths, report, systemd_install
 from runwatch.daemon.client import Client, DaemonUnreachable
 from runwatch.daemon.config import ConfigError, load_settings
 
@@ -496,10 +497,14 @@ def cmd_incident_show(args: argparse.Namespace) -> int:
     for t in inc["timeline"]:
         table.add_row(_when(t["time"]), t["kind"], t["text"])
     console.print(table)
-    dumps = [c["result"]["path"] for c in inc["commands"]
-             if c["action"] == "dump_batch" and c.get("result") and c["result"].get("path")]
-    for path in dumps:
-        console.print(f"dumped batch: {path}")
+    for c in inc["commands"]:
+        if c["action"] == "dump_batch" and c.get("result") and c["result"].get("path"):
+            console.print(f"dumped batch: {c['result']['path']}")
+    for t in inc["timeline"]:
+        if t["kind"] == "dump":  # a rank's stack dump (one entry per rank)
+            result = t["detail"].get("result", {})
+            for name in result.get("files", []):
+                console.print(f"rank {t['detail'].get('rank')} dump: {Path(result.get('path', '')) / name}")
     return 0
 
 
@@ -734,9 +739,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_manifest)
 
-    p = sub.add_parser("demo", help="start a daemon, train a tiny model with the hook, show status")
+    p = sub.add_parser("demo", help="a bad batch on a tiny GPT: spike, pause, dump, rewind, resume, report")
     p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     p.set_defaults(func=cmd_demo)
+    report.add_parser(sub)
+    systemd_install.add_parser(sub)
+    dashboards.add_parser(sub)
     return parser
 
 

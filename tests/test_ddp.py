@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from runwatch.daemon.store import Store, series
-from tests.conftest import REPO, DaemonProcess
+from tests.conftest import REPO, DaemonProcess, free_port
 
 pytest.importorskip("torch")
 
@@ -22,7 +22,7 @@ def test_ranks_report_local_norms_before_the_all_reduce(daemon: DaemonProcess, r
     steps, poison = 8, 5
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={world}",
-         f"--rdzv-endpoint=127.0.0.1:{29400 + world}",
+         f"--rdzv-endpoint=127.0.0.1:{free_port()}",
          "--rdzv-backend=c10d", str(REPO / "tests" / "ddp_worker.py"), str(daemon.socket),
          str(rootdir / "ref-%d.json"), str(steps), str(poison)],
         capture_output=True, text=True, timeout=240, cwd=REPO)

@@ -31,12 +31,17 @@ def test_wheel_installs_into_a_clean_venv_and_the_daemon_runs_without_torch(tmp_
     wheel = next(dist.glob("runwatch-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "runwatch/daemon/service.py" in names and "runwatch/hooks/watch.py" in names
+    # The Grafana dashboards and the Prometheus rules ship too (runwatch dashboards push / path).
+    assert "runwatch/dashboards/runwatch-run.json" in names
+    assert "runwatch/rules/prometheus/runwatch.rules.yml" in names
     # Every subpackage of the source tree is in the wheel (a new folder must be listed in pyproject).
     for folder in ("daemon", "hooks"):
         for init in (REPO / folder).rglob("__init__.py"):
             rel = init.relative_to(REPO / folder).as_posix()
             assert f"runwatch/{folder}/{rel}" in names, f"{folder}/{rel} is missing from the wheel"
     assert not [n for n in names if n.startswith(("daemon/", "hooks/", "tests/"))]
+    # The systemd unit and its companions ship too (runwatch install-systemd copies them).
+    assert "runwatch/systemd/runwatch.service" in names and "runwatch/systemd/runwatch.sysusers.conf" in names
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
@@ -75,6 +80,11 @@ def test_wheel_installs_into_a_clean_venv_and_the_daemon_runs_without_torch(tmp_
                                 / "site-packages" / "runwatch" / "rules" / "tests")],
                            capture_output=True, text=True, cwd=tmp_path)
         assert r.returncode == 0 and " 0 failed" in r.stdout, r.stdout + r.stderr
+        r = subprocess.run([str(venv / "bin" / "runwatch"), "install-systemd", "--root",
+                            str(tmp_path / "root"), "--json"], capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode == 0, r.stdout + r.stderr
+        unit = (tmp_path / "root" / "etc/systemd/system/runwatch.service").read_text()
+        assert f"ExecStart={(venv / 'bin' / 'runwatch').absolute()} daemon\n" in unit
     finally:
         daemon.terminate()
         assert daemon.wait(timeout=30) == 0, daemon.stderr.read() if daemon.stderr else ""

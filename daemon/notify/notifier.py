@@ -10,6 +10,7 @@ A receiver that is down only delays its own queue.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import socket
 import threading
@@ -51,6 +52,10 @@ class Notifier:
         self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._wake = {name: threading.Event() for name in self.receivers}
         self._stopping = threading.Event()
+        for name in self.receivers:  # read at scrape time: the backlog while a receiver is down
+            metrics.outbox_pending.labels(name).set_function(lambda name=name: self._pending(name))
+            for result in ("sent", "retry", "failed"):  # from 0, so increase() counts the first one
+                metrics.notifications.labels(name, result)
         self._threads = [threading.Thread(target=self._dispatch, name="runwatch-notify", daemon=True)] + [
             threading.Thread(target=self._deliver, args=(name,), name=f"runwatch-deliver-{name}", daemon=True)
             for name in self.receivers
@@ -124,6 +129,13 @@ class Notifier:
     def counts(self) -> dict[str, int]:
         with self._lock:
             return self.store.counts()
+
+    def _pending(self, receiver: str) -> float:
+        try:
+            with self._lock:
+                return float(self.store.pending(receiver))
+        except Exception:  # the store is closed (stopping): no reading rather than a failed scrape
+            return math.nan
 
     # -- the dispatcher thread --------------------------------------------------------------------
 

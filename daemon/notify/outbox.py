@@ -168,6 +168,13 @@ class NotifyStore:
             out.append(d)
         return out
 
+    def pending(self, receiver: str) -> int:
+        """How many notifications wait for a receiver (its backlog)."""
+        row = self.conn.execute(
+            "SELECT COUNT(*) FROM outbox WHERE receiver = ? AND state = 'pending'", (receiver,)
+        ).fetchone()
+        return int(row[0])
+
     def counts(self) -> dict[str, int]:
         return dict(self.conn.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall())
 

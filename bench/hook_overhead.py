@@ -64,6 +64,7 @@ class Block(nn.Module):
 @dataclass
 class Output:
     loss: torch.Tensor
+    logits: torch.Tensor  # as Hugging Face models return it: the hook's entropy histogram reads it
 
 
 class GPT(nn.Module):
@@ -81,7 +82,7 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x)
         logits = self.lm_head(self.ln(x))
-        return Output(F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()))
+        return Output(F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()), logits)
 
 
 def rss_bytes() -> int:
@@ -154,6 +155,7 @@ def main() -> None:
     variants: dict[str, dict[str, object] | None] = {"bare": None, "hooked": {}, "naive": None}
     if a.lean:
         variants["hooked_lean"] = {"guard": "off", "layers": [], "group_norms": False}
+        variants["no_histograms"] = {"histogram_every": 0}
     if a.ablate:
         variants["no_guard"] = {"guard": "off"}
         variants["no_layers"] = {"layers": []}

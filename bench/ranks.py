@@ -35,8 +35,9 @@ def main() -> None:
         steps = np.arange(start, start + a.per_frame)
         for s in streams:
             own = 0.02 + (0.06 if s.rank == 1 else 0.0)
-            values = np.column_stack([rng.normal(2, 0.1, len(steps)), rng.normal(own / 2, 0.002, len(steps)),
-                                      rng.normal(own / 2, 0.002, len(steps)), rng.normal(0.1, 0.003, len(steps))])
+            n = len(steps)
+            values = np.column_stack([rng.normal(2, 0.1, n), rng.normal(own / 2, 0.002, n),
+                                      rng.normal(own / 2, 0.002, n), rng.normal(0.1, 0.003, n)])
             block = Block(NAMES, steps, steps.astype(float), values)
             t0 = time.perf_counter()
             out = comparison.derive(s, [block])
@@ -44,9 +45,10 @@ def main() -> None:
             if out and "rank_lag_fraction" in out[-1].names:
                 last[s.rank] = float(out[-1].values[-1, -1])
     per = elapsed / (a.steps * a.ranks) * 1e6
-    print(f"{a.ranks} ranks x {a.steps} steps, {a.per_frame} step(s) per frame: {per:.1f} us per step per rank "
-          f"({per * a.ranks * 10 / 1e4:.2f}% of one core at 10 steps/s)")
-    print(f"lag derived: slow rank 1 {last.get(1, float('nan')):.2f} (true 0.60), rank 0 {last.get(0, float('nan')):.3f}")
+    print(f"{a.ranks} ranks x {a.steps} steps, {a.per_frame} step(s) per frame: {per:.1f} us per step "
+          f"per rank ({per * a.ranks * 10 / 1e4:.2f}% of one core at 10 steps/s)")
+    slow, other = last.get(1, float("nan")), last.get(0, float("nan"))
+    print(f"lag derived: slow rank 1 {slow:.2f} (true 0.60), rank 0 {other:.3f}")
 
 
 if __name__ == "__main__":

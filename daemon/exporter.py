@@ -15,6 +15,7 @@ import logging
 import math
 import re
 from collections.abc import Iterator
+from typing import get_args
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
@@ -25,6 +26,7 @@ from prometheus_client.registry import Collector
 from runwatch.daemon import __version__
 from runwatch.daemon.live import LiveView
 from runwatch.daemon.rules.engine import Engine
+from runwatch.daemon.rules.spec import Action
 from runwatch.daemon.sampler import Sampler
 
 log = logging.getLogger("runwatch.exporter")
@@ -47,6 +49,10 @@ SUB_LABELS = {
     "learning_rate": "param_group",
     "group_grad_norm": "group",
     "activation_norm": "layer",
+    "drift_psi": "monitor",
+    "drift_js": "monitor",
+    "drift_warn_threshold": "monitor",
+    "drift_state": "monitor",
 }
 
 #: HELP text for the keys the hook sends by default; other keys get a generic one.
@@ -57,6 +63,10 @@ TRAIN_HELP = {
     "learning_rate": "Learning rate of an optimizer parameter group.",
     "step_duration_seconds": "Wall time between consecutive optimizer steps on the host.",
     "activation_norm": "L2 norm of a watched layer's output.",
+    "drift_psi": "PSI of a drift monitor's last window against its reference (natural log).",
+    "drift_js": "Jensen-Shannon distance (base 2) of a drift monitor's last window to its reference.",
+    "drift_warn_threshold": "PSI at which a drift monitor's last window would warn (window-size aware).",
+    "drift_state": "Debounced drift tier of a monitor: 0 ok, 1 warning, 2 critical.",
 }
 
 NODE_RUN_PREFIX = "node:"
@@ -111,6 +121,8 @@ class DaemonMetrics:
             ["action"],
             registry=registry,
         )
+        for action in get_args(Action):  # from 0, so that increase() counts a node's first pause
+            self.decisions.labels(action)
         self.rule_seconds = Counter(
             "runwatch_rules_evaluation_seconds",
             "Writer-thread time spent judging committed steps against the rules.",
@@ -146,6 +158,12 @@ class DaemonMetrics:
             "runwatch_notifications",
             "Delivery attempts by receiver and result (sent, retry, failed: given up).",
             ["receiver", "result"],
+            registry=registry,
+        )
+        self.outbox_pending = Gauge(
+            "runwatch_notify_outbox_pending_messages",
+            "Notifications waiting in the durable outbox, by receiver (the backlog while it is down).",
+            ["receiver"],
             registry=registry,
         )
         self.notify_decisions = Counter(
@@ -214,7 +232,7 @@ class TrainCollector(Collector):
             rate.add_metric(base_labels, s.steps_per_second)
             for key, value in s.latest.items():
                 base, _, sub = key.partition("/")
-                if base in RESERVED:
+                if base in RESERVED or base == "hist":  # histogram bins are not gauges
                     continue
                 family = families.get(key if not sub else base + "/")
                 if family is None:

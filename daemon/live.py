@@ -56,6 +56,8 @@ class LiveView:
             if state is None:
                 return
             for name, value in zip(block.names, row, strict=True):
+                if name.startswith("hist/"):
+                    continue  # histogram bins (drift monitors' input): stored, not live values
                 if step >= state.latest_step.get(name, -1):
                     state.latest[name] = value
                     state.latest_step[name] = step

@@ -27,6 +27,7 @@ import numpy as np
 
 from runwatch.daemon.exporter import DaemonMetrics
 from runwatch.daemon.live import LiveView
+from runwatch.daemon.monitors import DriftMonitors
 from runwatch.daemon.playbook import Playbook
 from runwatch.daemon.protocol import Block, Samples
 from runwatch.daemon.ranks import RankComparison
@@ -78,6 +79,7 @@ class Writer:
         self.on_events = on_events
         self._refs: dict[int, StreamRef] = {}
         self.ranks = RankComparison()  # derived series: how long each rank makes the others wait
+        self.drift = DriftMonitors()  # derived series: drift_psi/<name>, drift_state/<name>, ...
         self.live = live
         self.metrics = metrics
         self._notify = notify
@@ -141,6 +143,9 @@ class Writer:
         error: BaseException | None = None
         for w in writes:
             blocks = self.ranks.derive(w.stream, w.samples.blocks)
+            if blocks is not None:
+                w.samples = Samples(w.samples.seq, blocks)
+            blocks = self.drift.derive(w.stream, w.samples.blocks)
             if blocks is not None:
                 w.samples = Samples(w.samples.seq, blocks)
         try:

@@ -35,6 +35,12 @@ hook, so the loop does not change. Per optimizer step it records (keys as sent):
                                many rewinds this process made
 ``skipped_batches``            batches (and their ``skipped_samples``/``skipped_tokens``)
                                ``watch.data`` dropped because a command said so
+``hist/<name>/<i>``            every ``histogram_every`` steps: fixed-grid counts (see
+                               :mod:`runwatch.hooks.histograms`) of ``seq_length`` (useful
+                               tokens per sample), ``output_entropy`` (nats, sampled
+                               positions), ``activation_values/<layer>`` (sampled, signed
+                               log), filled on one step in ``HISTOGRAM_STEP_SAMPLE``, and what
+                               ``watch.histogram`` adds; the daemon's drift monitors read them
 =============================  ==========================================================
 
 Control (see :mod:`runwatch.hooks.control`): the daemon can pause the run before a step,
@@ -60,6 +66,7 @@ import atexit
 import contextlib
 import functools
 import logging
+import math
 import os
 import re
 import socket as socket_mod
@@ -83,6 +90,15 @@ from runwatch.hooks import checkpoint as ckpt_io
 from runwatch.hooks.buffer import StepBuffer
 from runwatch.hooks.control import Control, default_incident_dir
 from runwatch.hooks.guard import GuardMode, SpikeGuard, resolve_mode
+from runwatch.hooks.histograms import (
+    ACTIVATION_RANGE,
+    DeviceHistogram,
+    Sampler,
+    activation_sample,
+    entropy_sample,
+    logits_of,
+    per_sample_tokens,
+)
 from runwatch.hooks.sender import Batch, Sender
 from runwatch.hooks.signals import Fingerprint, GradNorms, activation_norm, repeated_blocks, token_counts
 
@@ -92,6 +108,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 class _SkipStep(BaseException):
     """Raised from the pre-step hook in ``skip_sync`` mode; caught by the step wrapper."""
+
+
+#: The built-in histograms (sequence length, output entropy, activation values) are filled on
+#: one step in this many: their kernels cost ~0.5 ms a step on a GPU, which a 30 ms step cannot
+#: afford every step; the drift windows just take more steps to fill.
+HISTOGRAM_STEP_SAMPLE = 4
 
 
 def _guarded(fn: F) -> F:
@@ -199,10 +221,14 @@ class Watch:
         control_every: int = 8,
         incident_dir: str | os.PathLike[str] | None = None,
         data_dir: str | os.PathLike[str] | None = None,
+        histogram_every: int = 16,
+        seq_len: int | None = None,
         sender: Sender | None = None,
     ) -> None:
         if flush_every < 1:
             raise ValueError("flush_every must be at least 1")
+        if histogram_every < 0:
+            raise ValueError("histogram_every must be >= 0 (0: no histograms)")
         optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate/Lightning wrappers
         detected_rank, detected_world = _detect_rank()
         self.rank = detected_rank if rank is None else rank
@@ -248,6 +274,10 @@ class Watch:
         self._forward_began: float | None = None
         self._forward_seconds = 0.0
         self._phase: str | None = None
+        self._hist_every = histogram_every
+        self._hists: dict[str, DeviceHistogram] = {}
+        self._seq_len = seq_len  # the seq_length grid's top; else the first batch's length
+        self._hist_sampler: Sampler | None = None
 
         self.buffer = StepBuffer(flush_every, self.device, self._emit)
         inner = _unwrap(model)
@@ -432,6 +462,19 @@ class Watch:
             else:
                 self.buffer.put(key, float(value))
 
+    def histogram(self, name: str, values: torch.Tensor, lo: float, hi: float, fine: int = 128) -> None:
+        """Add ``values`` (a tensor; stays on the device, no sync) to histogram ``name`` over the
+        fixed grid of ``fine`` bins on ``[lo, hi)`` plus under- and overflow; the grid is fixed by
+        the first call. Sent every ``histogram_every`` steps as ``hist/<name>/<i>``; the daemon
+        runs a drift monitor on it (series ``drift_psi/<name>``, ``drift_state/<name>``, ...).
+        Sample large tensors first: every value costs a little."""
+        if self.enabled and self._hist_every:
+            self._hist_add(self._histogram(name, lo, hi, fine), values)  # a wrong grid raises here
+
+    @_guarded
+    def _hist_add(self, h: DeviceHistogram, values: torch.Tensor) -> None:
+        h.add(values)
+
     @_guarded
     def batch(self, shard: str | int | None = None, offset: int | None = None) -> None:
         """Say where the coming batch comes from in the data (shard id and offset).
@@ -615,6 +658,15 @@ class Watch:
             self.buffer.add("useful_tokens", useful, average=False)
             self.buffer.put_add("tokens", total)
             self.buffer.put_add("samples", samples)
+        if self._hist_every and self.step % HISTOGRAM_STEP_SAMPLE == 0:
+            per_sample = per_sample_tokens(args, kwargs, self.ignore_index, self.pad_id)
+            if per_sample is not None:
+                lengths, seq_len = per_sample
+                if self._seq_len is None:
+                    self._seq_len = seq_len  # fixed for the run: the grid must not move
+                # hi = seq_len + 1 so that a full-length sample falls in the last bin, not overflow.
+                self._histogram("seq_length", lo=0.0, hi=self._seq_len + 1.0,
+                                fine=min(128, self._seq_len + 1)).add(lengths)
         ids = kwargs.get("input_ids", args[0] if args else None)
         if isinstance(ids, torch.Tensor) and not ids.is_floating_point():
             self.buffer.set("batch_fingerprint", self._fingerprint(ids))
@@ -636,7 +688,14 @@ class Watch:
 
     @_guarded
     def _after_forward(self, module: torch.nn.Module, inputs: Any, output: Any) -> None:
-        if self._user_loss or not module.training or not torch.is_grad_enabled():
+        if not module.training or not torch.is_grad_enabled():
+            return
+        if self._hist_every and self.step % HISTOGRAM_STEP_SAMPLE == 0:
+            logits = logits_of(output)
+            if logits is not None:
+                self._histogram("output_entropy", lo=0.0, hi=math.log(logits.shape[-1]), fine=128).add(
+                    entropy_sample(logits, self._sampler()))
+        if self._user_loss:
             return
         loss = getattr(output, "loss", None)
         if loss is None and isinstance(output, dict):
@@ -664,6 +723,35 @@ class Watch:
                 # takes sqrt(sum / count), right also when micro-batches differ in size.
                 self.buffer.add(key, norm.square(), average=False)
                 self.buffer.put_add(key.replace("activation_norm/", "activation_count/", 1), count)
+            if self._hist_every and self.step % HISTOGRAM_STEP_SAMPLE == 0:
+                sample = activation_sample(output, self._sampler())
+                if sample is not None:
+                    name = key.replace("activation_norm/", "activation_values/", 1)
+                    self._histogram(name, -ACTIVATION_RANGE, ACTIVATION_RANGE, 128).add(sample)
+
+    def _sampler(self) -> Sampler:
+        if self._hist_sampler is None:
+            self._hist_sampler = Sampler(self.device)
+        return self._hist_sampler
+
+    def _histogram(self, name: str, lo: float, hi: float, fine: int) -> DeviceHistogram:
+        h = self._hists.get(name)
+        if h is None:
+            h = DeviceHistogram(name, lo, hi, fine, self.device)
+            bad = [k for k in (h.keys[0], h.keys[-1]) if not protocol.METRIC_KEY.fullmatch(k)]
+            if bad or len(h.keys[-1]) > protocol.MAX_KEY_LENGTH:
+                raise ValueError(f"histogram name {name!r} does not make a valid key ({h.keys[-1]!r})")
+            self.buffer.reserve(h.keys)
+            self._hists[name] = h
+        elif h.grid() != (float(lo), float(hi), fine):
+            raise ValueError(f"histogram {name!r}: grid {h.grid()} is fixed for the run, "
+                             f"got {(lo, hi, fine)}")
+        return h
+
+    def _flush_histograms(self, step: int) -> None:
+        if self._hist_every and self._hists and step % self._hist_every == self._hist_every - 1:
+            for h in self._hists.values():
+                self.buffer.set_many(h.keys, h.take())
 
     def _install_microbatch_taps(self) -> None:
         """Per-parameter gradient hooks: each sees one backward's gradient before it is added
@@ -784,6 +872,7 @@ class Watch:
             buf.put("skipped_tokens", control.skipped.tokens)
         step = self.step
         self.step += 1
+        self._flush_histograms(step)
         if buf.end_step(step, time.time()):
             buf.flush()
         buf.drain(wait=False)
@@ -885,6 +974,8 @@ def watch(
     output norm is watched; default each repeated block), ``group_norms``,
     ``microbatch_norms``, ``ignore_index``, ``pad_id``, ``keep_batches``,
     ``inputs_from_forward``, ``capture_clip``, ``optimizer_pre_hook``, ``start_step`` (the
-    step a resumed run continues from).
+    step a resumed run continues from), ``histogram_every`` (steps per histogram flush for the
+    drift monitors, default 16; 0: no histograms), ``seq_len`` (top of the ``seq_length``
+    grid; default the first batch's sequence length).
     """
     return Watch(model, optimizer, run, **options)

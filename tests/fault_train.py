@@ -16,6 +16,8 @@ padding        shard 99 for 20 steps: rows of 6-10 real tokens (padding-heavy)
 slow_loader    every batch takes 3x the usual step time to load (use with --step-seconds:
                tiny CPU steps of a few ms are at the mercy of host scheduling)
 input_shift    inputs drawn from 4 of the 64 tokens (a shifted input distribution)
+length_shift   rows of 12-20 real tokens from then on (a data source of shorter sequences:
+               the seq_length drift monitor's case)
 =============  =====================================================================
 """
 
@@ -32,7 +34,7 @@ import runwatch.hooks
 from runwatch.hooks.tinygpt import TinyGPT
 
 VOCAB, CONTEXT, BATCH, SHARD_STEPS = 64, 32, 8, 50
-FAULTS = ("bad_batch", "lr_blowup", "nan", "padding", "slow_loader", "input_shift")
+FAULTS = ("bad_batch", "lr_blowup", "nan", "padding", "slow_loader", "input_shift", "length_shift")
 
 
 def make_batch(
@@ -71,6 +73,8 @@ def train(
             inputs, labels = make_batch(g, 6, 10)
         elif faulty and fault == "input_shift":
             inputs, labels = make_batch(g, 24, 32, vocab=4)
+        elif faulty and fault == "length_shift":
+            inputs, labels = make_batch(g, 12, 20)
         else:
             inputs, labels = make_batch(g, 24, 32)
         if faulty and fault == "slow_loader":

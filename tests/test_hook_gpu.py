@@ -39,6 +39,7 @@ def test_no_host_sync_in_steady_state(tmp_path: Path) -> None:
         for _ in range(2):  # two micro-batches
             loss = model(input_ids=ids, labels=labels).loss
             loss.backward()
+            watch.histogram("user_loss", loss.detach(), 0.0, 10.0)  # a user histogram, like the built-ins
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # the hook reuses its norm
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -57,6 +58,7 @@ def test_no_host_sync_in_steady_state(tmp_path: Path) -> None:
         torch.cuda.set_sync_debug_mode("default")
     assert watch.enabled, "the hook switched itself off: it hit an error (a sync raises here)"
     assert hasattr(watch, "_mb_sq"), "micro-batch taps were installed"
+    assert {"seq_length", "output_entropy", "user_loss"} <= set(watch._hists), "histograms were exercised"
     watch.flush(timeout=0.1)
     assert watch.step == 240
     watch.close(timeout=0.1)

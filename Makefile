@@ -32,7 +32,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
 test: $(VENV)/.installed prometheus lint
-	$(PY) -m pytest -q -rs --durations=10
+	$(PY) -m pytest -q -rs --durations=15 -n 2 --dist loadfile
 
 bench: $(VENV)/.installed
 	$(PY) bench/ingest.py

@@ -28,6 +28,10 @@ from runwatch.daemon.protocol import Kind
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Each test process (one per xdist worker) and the trainings it starts spool into a folder of
+# their own: runs of the same name in two files at once must not replay each other's spool.
+os.environ.setdefault("RUNWATCH_SPOOL_DIR", tempfile.mkdtemp(prefix="rw-spool-"))
+
 
 def wait_for(check: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
     """Poll ``check`` until it returns something truthy (and return that), or fail after ``timeout``."""
@@ -77,7 +81,9 @@ class DaemonProcess:
             self.exporter_url = self.wait_ready()["daemon"]["exporter"]
         return self
 
-    def wait_ready(self, timeout: float = 20.0) -> dict[str, Any]:
+    def wait_ready(self, timeout: float = 60.0) -> dict[str, Any]:
+        # Generous: with the suite running two files at once on two cores, a daemon's start
+        # (imports, store schema) can take tens of seconds; a healthy one answers far sooner.
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc is not None

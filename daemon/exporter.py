@@ -310,6 +310,12 @@ GPU_EXPORT = {
         "Uncorrected ECC errors since the driver loaded.",
         1.0,
     ),
+    "gpu_xid_errors": (
+        "runwatch_gpu_xid_errors",
+        "XID critical errors NVML reported since the daemon started.",
+        1.0,
+    ),
+    "gpu_last_xid": ("runwatch_gpu_last_xid", "The code of the last XID critical error.", 1.0),
 }
 
 

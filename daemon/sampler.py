@@ -9,6 +9,11 @@ devices; a test feeds recorded readings. NVML "utilization" only says a kernel w
 (it reads 100% while deadlocked in NCCL); where the driver allows (Hopper and newer), SM
 activity from GPM metrics is sampled too (``gpu_sm_active``). Impossible values (NVML's
 0xFFFFFFFF sentinels, utilization over 100%, temperatures over 150 °C) become NaN.
+
+XID critical errors (the driver's reports of a GPU fault: 48 double-bit ECC, 79 fallen off
+the bus, ...) arrive as NVML events; each read drains them without waiting, and every GPU
+reports how many it has had since the daemon started (``gpu_xid_errors``) and the last code
+(``gpu_last_xid``), which the rule ``gpu_xid_error`` judges.
 """
 
 from __future__ import annotations
@@ -37,7 +42,10 @@ GPU_LIMITS: dict[str, tuple[float, float]] = {
     "gpu_sm_clock_hertz": (0.0, 1e10),
     "gpu_throttle_reasons": (0.0, 2.0**63),
     "gpu_ecc_errors": (0.0, 2.0**62),
+    "gpu_xid_errors": (0.0, 2.0**62),
+    "gpu_last_xid": (0.0, 2.0**32),
 }
+MAX_EVENTS_PER_READ = 256  # a storm of XIDs is counted over several reads, never a busy loop
 _SENTINELS = {0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF, 0x7FFFFFFF}
 
 
@@ -73,6 +81,9 @@ class NvmlSource:
     def __init__(self, nvml: Any, handles: list[Any]) -> None:
         self.nvml = nvml
         self.handles = handles
+        self._xid_count = [0] * len(handles)
+        self._last_xid: list[int | None] = [None] * len(handles)
+        self._events = self._watch_xids()
         self._gpm: dict[int, Any] = {}  # index -> previous GPM sample, where supported
         for i, h in enumerate(handles):
             try:
@@ -96,7 +107,44 @@ class NvmlSource:
             return "NVML found no GPU"
         return cls(pynvml, handles)
 
+    def _watch_xids(self) -> Any:
+        n = self.nvml
+        try:
+            events = n.nvmlEventSetCreate()
+        except Exception as exc:
+            log.warning("NVML events unavailable (%s): XID errors are not watched", exc)
+            return None
+        for i, h in enumerate(self.handles):
+            try:
+                n.nvmlDeviceRegisterEvents(h, n.nvmlEventTypeXidCriticalError, events)
+            except Exception as exc:  # e.g. not supported on this board
+                log.warning("GPU %d: XID events not available (%s)", i, exc)
+        return events
+
+    def _drain_xids(self) -> None:
+        if self._events is None:
+            return
+        n = self.nvml
+        for _ in range(MAX_EVENTS_PER_READ):
+            try:
+                data = n.nvmlEventSetWait_v2(self._events, 0)
+            except Exception:  # NVML_ERROR_TIMEOUT: nothing more waiting (or the set broke)
+                return
+            try:
+                index = int(n.nvmlDeviceGetIndex(data.device))
+            except Exception:
+                index = -1
+            if not 0 <= index < len(self.handles):
+                log.error("XID %s on a GPU NVML cannot name", data.eventData)
+                continue
+            self._xid_count[index] += 1
+            self._last_xid[index] = int(data.eventData)
+            log.error("GPU %d reported XID %d (a critical GPU error)", index, data.eventData)
+
     def close(self) -> None:
+        if self._events is not None:
+            with contextlib.suppress(Exception):
+                self.nvml.nvmlEventSetFree(self._events)
         for sample in self._gpm.values():
             with contextlib.suppress(Exception):
                 self.nvml.nvmlGpmSampleFree(sample)
@@ -111,6 +159,7 @@ class NvmlSource:
 
     def read(self) -> list[GpuReading]:
         n = self.nvml
+        self._drain_xids()
         out = []
         for i, h in enumerate(self.handles):
             util = self._get("nvmlDeviceGetUtilizationRates", h)
@@ -136,6 +185,8 @@ class NvmlSource:
                     n.NVML_VOLATILE_ECC,
                 ),
                 "gpu_sm_active": self._sm_active(i, h),
+                "gpu_xid_errors": self._xid_count[i] if self._events is not None else None,
+                "gpu_last_xid": self._last_xid[i],
             }
             procs = self._get("nvmlDeviceGetComputeRunningProcesses", h) or []
             uuid = self._get("nvmlDeviceGetUUID", h) or f"gpu-{i}"

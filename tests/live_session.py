@@ -149,6 +149,25 @@ def c_nvmlGpmMetricsGet_t():
 
 def nvmlGpmMetricsGet(query):
     query.metrics[0].value = _wave(getattr(query.sample2, "handle", 0), 60, 80)  # percent
+
+
+nvmlEventTypeXidCriticalError = 0x8
+
+
+def nvmlEventSetCreate():
+    return "events"
+
+
+def nvmlDeviceRegisterEvents(h, types, events):
+    pass
+
+
+def nvmlEventSetWait_v2(events, timeout_ms):
+    raise NVMLError("NVML_ERROR_TIMEOUT")  # these recorded GPUs never report an XID
+
+
+def nvmlEventSetFree(events):
+    pass
 '''
 
 BROKEN_RULES = "rules:\n  - name: extra\n    when: ratio >> 2\n"

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 from conftest import DaemonProcess, wait_for
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -163,3 +164,72 @@ rules:
         event.context["gpus"] == "0: 97% busy, SM 90%, 7.5 GiB, 650 W, 60 °C"
         and "; GPUs: 0: 97% busy" in event.summary
     )
+
+
+class EventNvml:
+    """Stands in for pynvml's event calls (no GPU here): a queue of XID events per device.
+    Mocked because no NVML can run on this machine; the calls and structures mirror
+    nvidia-ml-py's (``nvmlEventSetWait_v2`` raising on NVML_ERROR_TIMEOUT)."""
+
+    nvmlEventTypeXidCriticalError = 0x8
+    NVML_TEMPERATURE_GPU, NVML_CLOCK_SM, NVML_MEMORY_ERROR_TYPE_UNCORRECTED, NVML_VOLATILE_ECC = 0, 1, 1, 0
+
+    class Timeout(Exception):
+        pass
+
+    class Event:
+        def __init__(self, device: str, code: int) -> None:
+            self.device, self.eventData, self.eventType = device, code, 0x8
+
+    def __init__(self, broken_board: str | None = None) -> None:
+        self.queue: list[EventNvml.Event] = []
+        self.registered: list[str] = []
+        self.broken_board = broken_board
+
+    def nvmlEventSetCreate(self) -> str:
+        return "set"
+
+    def nvmlDeviceRegisterEvents(self, handle: str, types: int, events: str) -> None:
+        if handle == self.broken_board:
+            raise RuntimeError("NVML_ERROR_NOT_SUPPORTED")
+        assert types == self.nvmlEventTypeXidCriticalError and events == "set"
+        self.registered.append(handle)
+
+    def nvmlEventSetWait_v2(self, events: str, timeout_ms: int) -> Event:
+        assert timeout_ms == 0  # the sampler never waits for an event
+        if not self.queue:
+            raise self.Timeout("NVML_ERROR_TIMEOUT")
+        return self.queue.pop(0)
+
+    def nvmlDeviceGetIndex(self, handle: str) -> int:
+        return int(handle.removeprefix("gpu"))
+
+
+def test_xid_errors_are_counted_per_gpu_and_a_rise_is_critical() -> None:
+    from runwatch.daemon.sampler import NvmlSource
+
+    nvml = EventNvml(broken_board="gpu2")
+    source = NvmlSource(nvml, ["gpu0", "gpu1", "gpu2"])
+    assert nvml.registered == ["gpu0", "gpu1"]  # a board without events does not stop the others
+    first = source.read()
+    assert [g.values["gpu_xid_errors"] for g in first] == [0, 0, 0]
+    assert all(math.isnan(g.values["gpu_last_xid"]) for g in first)
+    nvml.queue += [EventNvml.Event("gpu1", 79), EventNvml.Event("gpu1", 48), EventNvml.Event("gpu0", 94)]
+    second = source.read()
+    assert [g.values["gpu_xid_errors"] for g in second] == [1, 2, 0]
+    assert [g.values["gpu_last_xid"] for g in second][:2] == [94, 48]
+    # As stored and judged: the default pack's rule fires on the GPU whose count rose.
+    from runwatch.daemon.paths import default_rules_dir
+    from runwatch.daemon.rules.engine import Engine, StreamRef
+    from runwatch.daemon.rules.spec import load_rules
+
+    engine = Engine(load_rules([default_rules_dir()])[0])
+    ref = StreamRef(1, "node:test", 0)
+    events = []
+    for step, sample in enumerate((first, second)):
+        names, values = zip(*[(f"{k}/{g.index}", v) for g in sample for k, v in g.values.items()],
+                            strict=True)
+        events += engine.observe(ref, 1, tuple(names), np.array([step]), np.array([float(step)]),
+                                 np.array([values], dtype=np.float64), float(step))
+    fired = [(e.rule, e.metric) for e in events if e.state == "firing"]
+    assert fired == [("gpu_xid_error", "gpu_xid_errors/0"), ("gpu_xid_error", "gpu_xid_errors/1")]

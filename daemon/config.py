@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -50,6 +50,36 @@ class Playbook(BaseModel):
                              "resolve the incident.")
 
 
+class Drift(BaseModel):
+    """The drift monitors over the histograms hooks stream (see daemon/drift.py for the math)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    warmup_steps: int = Field(default=100, ge=0, description="Steps ignored before the reference.")
+    reference_steps: int = Field(default=200, ge=1, description="Steps whose histograms form the "
+                                 "reference (it grows until min_reference_values).")
+    min_reference_values: int = Field(default=1000, ge=1, description="Values the reference needs.")
+    window_values: int = Field(default=1024, ge=1, description="Values per compared window.")
+    bins: int = Field(default=10, ge=1, le=128, description="Coarse bins frozen at the reference's "
+                      "quantiles (plus under- and overflow).")
+    warn_quantile: float = Field(default=0.99, gt=0, lt=1, description="Chi-square quantile of the "
+                                 "warning tier (its no-drift false-alarm rate is 1 minus this).")
+    critical_quantile: float = Field(default=0.999, gt=0, lt=1, description="...of the critical tier.")
+    warn_floor: float = Field(default=0.1, ge=0, description="PSI below which nothing warns.")
+    critical_floor: float = Field(default=0.25, ge=0, description="PSI below which nothing is critical.")
+    debounce_k: int = Field(default=2, ge=1, description="A tier holds when k of the last m windows")
+    debounce_m: int = Field(default=3, ge=1, description="reach it.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Drift:
+        if self.debounce_k > self.debounce_m:
+            raise ValueError(f"debounce_k ({self.debounce_k}) must be at most debounce_m ({self.debounce_m})")
+        if self.critical_quantile < self.warn_quantile or self.critical_floor < self.warn_floor:
+            raise ValueError("the critical tier must not be below the warning tier"
+                             " (critical_quantile >= warn_quantile, critical_floor >= warn_floor)")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything the node daemon can be told. Each field is also ``RUNWATCH_<NAME>``."""
 
@@ -84,6 +114,7 @@ class Settings(BaseSettings):
     alerting: Alerting = Field(default_factory=Alerting, description="receivers, routes, grouping")
     playbook: Playbook = Field(default_factory=Playbook, description="pause, rewind, escalate")
     retention: RetentionPolicy = Field(default_factory=RetentionPolicy, description="checkpoint keep policy")
+    drift: Drift = Field(default_factory=Drift, description="drift monitors (PSI, JS, tiers)")
     retention_enabled: bool = Field(
         default=True, description="Delete what the retention policy keeps not (false: plan and show only).")
     retention_quiet_seconds: float = Field(

@@ -31,6 +31,7 @@ from runwatch.daemon import __version__, sdnotify
 from runwatch.daemon import playbook as playbook_mod
 from runwatch.daemon import store as store_mod
 from runwatch.daemon.config import ConfigError, Settings
+from runwatch.daemon.drift import DriftConfig
 from runwatch.daemon.exporter import (
     NODE_RUN_PREFIX,
     REJECT_REASONS,
@@ -43,6 +44,7 @@ from runwatch.daemon.exporter import (
 from runwatch.daemon.hostio import HostIO
 from runwatch.daemon.ingest import Ingest
 from runwatch.daemon.live import LiveView
+from runwatch.daemon.monitors import DriftMonitors
 from runwatch.daemon.notify.notifier import Notifier
 from runwatch.daemon.playbook import ControlRefused, Playbook
 from runwatch.daemon.protocol import Block, Samples
@@ -74,6 +76,11 @@ def _json_number(value: float) -> float | str:
 def _sample_stored(error: BaseException | None) -> None:
     if error is not None:
         log.warning("a node sample was not stored: %s", error)
+
+
+def drift_config(settings: Settings) -> DriftConfig:
+    """The monitors' settings; the grid (lo, hi) is a placeholder: monitors work on counts."""
+    return DriftConfig(lo=0.0, hi=1.0, **settings.drift.model_dump())
 
 
 class StartupError(Exception):
@@ -144,6 +151,7 @@ class Daemon:
         writer = Writer(store, self.live, self.metrics, lambda results: ingest.notify(results),  # type: ignore[union-attr]
                         engine=self.engine, on_events=self.notifier.submit if self.notifier else None)
         self._writer = writer
+        writer.drift = DriftMonitors(lambda: drift_config(self.settings))
         self.playbook = playbook = Playbook(
             store, lambda: self.settings.playbook, lambda run, cmds: ingest.deliver(run, cmds),  # type: ignore[union-attr]
             self._last_step, self._firing_runs, confirm_steps=lambda: self.settings.retention.confirm_steps,

@@ -337,6 +337,25 @@ def run_dashboard() -> dict[str, Any]:
                  min_=0, w=8, description="Batches (samples, tokens) watch.data dropped because a rewind "
                  "or runwatch skip-shard said so: counted, never dropped quietly.")
 
+    b.row("Drift")
+    b.timeseries("Drift: PSI against the reference",
+                 [target(r("runwatch_train_drift_psi"), "{{monitor}} rank {{rank}}"),
+                  target(r("runwatch_train_drift_warn_threshold"),
+                         "warning level {{monitor}} rank {{rank}}")],
+                 min_=0, w=8,
+                 description="Population stability index of each completed window of a monitored "
+                 "histogram against its frozen reference, beside the PSI at which that window would "
+                 "warn (it depends on the window's size: chi-square 99% level, at least 0.1).")
+    b.timeseries("Drift: Jensen-Shannon distance",
+                 [target(r("runwatch_train_drift_js"), "{{monitor}} rank {{rank}}")],
+                 min_=0, max_=1, w=8,
+                 description="Jensen-Shannon distance (base 2, 0..1) of each window against the reference; "
+                 "reported beside PSI, the tiers use PSI.")
+    b.timeseries("Drift: tier", [target(r("runwatch_train_drift_state"), "{{monitor}} rank {{rank}}")],
+                 min_=0, max_=2, w=8, threshold=1,
+                 description="Debounced tier of each monitor: 0 ok, 1 warning, 2 critical (reached by 2 of "
+                 "the last 3 windows). Rules in rules/drift.yaml alert on drift_state/<monitor>.")
+
     b.row("GPUs of this run")
     b.timeseries("GPU utilization and SM activity",
                  [target(f"{n('runwatch_gpu_utilization_ratio')} {RUN_GPUS}",

@@ -189,6 +189,12 @@ watch_steps = 30
 max_rewinds = 2
 [retention]
 confirm_steps = 5
+[drift]
+# Short enough that the 160-step run completes drift windows, so the drift series exist.
+warmup_steps = 0
+reference_steps = 32
+min_reference_values = 64
+window_values = 64
 [alerting]
 group_wait = "0s"
 """

@@ -59,6 +59,9 @@ def test_precedence_toml_then_env_then_flags(tmp_path: Path, monkeypatch: pytest
         ('socket_mode = "rw-"', "setting 'socket_mode'"),
         ("frobnicate = 1", "setting 'frobnicate' from"),
         ('log_level = "loud"', "setting 'log_level'"),
+        ("[drift]\ndebounce_k = 5", "setting 'drift' from"),
+        ("[drift]\nwindow_values = 0", "setting 'drift.window_values' from"),
+        ("[drift]\nwarn_quantile = 0.999\ncritical_quantile = 0.99", "critical tier must not be below"),
     ],
 )
 def test_wrong_values_name_the_setting(tmp_path: Path, toml: str, expect: str) -> None:
@@ -96,3 +99,12 @@ def test_daemon_refuses_bad_config_with_exit_2(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert "exporter_port" in r.stderr and "greater than or equal to 0" in r.stderr
     assert not (tmp_path / "s").exists(), "nothing may be created before the config is valid"
+
+
+def test_drift_settings_reach_the_monitors(tmp_path: Path) -> None:
+    from runwatch.daemon.service import drift_config
+
+    cfg = tmp_path / "drift.toml"
+    cfg.write_text("[drift]\nwindow_values = 256\nbins = 20\ndebounce_k = 1\n")
+    config = drift_config(load_settings(cfg))
+    assert (config.window_values, config.bins, config.debounce_k, config.debounce_m) == (256, 20, 1, 3)

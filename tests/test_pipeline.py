@@ -106,12 +106,16 @@ def test_points_stored_and_exported_are_the_points_sent(daemon: DaemonProcess, r
         "group_grad_norm/embeddings",
         "group_grad_norm/head", "group_grad_norm/other", "activation_norm/blocks.0",
         "activation_norm/blocks.1", "tokens", "useful_tokens", "token_efficiency", "samples",
-        "batch_fingerprint", "hook_seconds", "guard_skipped", "guard_threshold",
+        "batch_fingerprint", "hook_seconds", "guard_skipped", "guard_threshold", "forward_seconds",
     }
-    rates = {"step_duration_seconds", "tokens_per_second", "samples_per_second"}
+    rates = {"step_duration_seconds", "tokens_per_second", "samples_per_second", "data_wait_seconds"}
+    # Every 16th step (15, 31, ...) also carries the drift histograms' bins.
+    hist = {k for ks in keys.values() for k in ks if k.startswith("hist/")}
+    assert {k.split("/")[1] for k in hist} >= {"seq_length", "output_entropy"}
     assert keys[0] == every_step
-    assert all(keys[s] == every_step | rates for s in range(1, 120))
-    assert count_points(conn) == 120 * len(every_step) + 119 * len(rates)
+    for s in range(1, 120):
+        assert keys[s] == every_step | rates | (hist if s % 16 == 15 else set()), s
+    assert count_points(conn) == 120 * len(every_step) + 119 * len(rates) + 120 // 16 * len(hist)
     _, efficiency = series(conn, "e2e", 0, "token_efficiency")
     _, tokens = series(conn, "e2e", 0, "tokens")
     assert set(efficiency.tolist()) == {1.0} and set(tokens.tolist()) == {8 * 32}

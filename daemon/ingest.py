@@ -221,7 +221,9 @@ class Ingest:
                 self._live.connected(conn.stream.id, -1)
                 self._hooks.get(conn.stream.run, set()).discard(conn)
                 if self._playbook is not None:
-                    self._playbook.disconnected(conn.stream)
+                    # On the writer thread: after any phase event this rank sent before it went.
+                    playbook, gone = self._playbook, conn.stream
+                    self._writer.call(lambda _: playbook.disconnected(gone))
             if conn.role in ("hook", "cli"):
                 self._metrics.connections.labels(conn.role).dec()
             if not task.cancelled() and not task.cancelling():

@@ -31,6 +31,8 @@ from runwatch.daemon.store import StreamInfo
 log = logging.getLogger("runwatch.drift")
 
 PREFIX = "hist/"
+#: Histograms a rank may have monitored; more are refused (memory follows what hooks send).
+MAX_MONITORS_PER_STREAM = 64
 DERIVED = ("drift_psi", "drift_js", "drift_warn_threshold", "drift_state")
 
 
@@ -41,7 +43,7 @@ def histogram_columns(names: tuple[str, ...]) -> dict[str, np.ndarray]:
         if not key.startswith(PREFIX):
             continue
         name, _, index = key[len(PREFIX):].rpartition("/")
-        if name and index.isdigit():
+        if name and index.isascii() and index.isdigit():
             found.setdefault(name, {})[int(index)] = col
     out = {}
     for name, bins in found.items():
@@ -68,6 +70,9 @@ class DriftMonitors:
     def _monitor(self, stream_id: int, name: str, fine: int) -> DriftMonitor:
         key = (stream_id, name)
         m = self._monitors.get(key)
+        if m is None and sum(1 for sid, _ in self._monitors if sid == stream_id) >= MAX_MONITORS_PER_STREAM:
+            raise ValueError(f"more than {MAX_MONITORS_PER_STREAM} histograms on one rank; {name!r} "
+                             "is not monitored")
         if m is None or m.config.fine != fine:
             base = self._settings()
             config = DriftConfig(**{**base.__dict__, "lo": 0.0, "hi": 1.0, "fine": fine,
@@ -121,12 +126,12 @@ class DriftMonitors:
             if step <= self._last_step.get(key, -1):
                 continue  # a replayed step (the hook resends after a reconnect): counted once
             counts = values[idx]
-            if not np.isfinite(counts).all() or (counts < 0).any():
+            if not np.isfinite(counts).all() or (counts < 0).any() or not np.isfinite(counts.sum()):
                 continue
             self._last_step[key] = step
             try:
                 results = self._monitor(stream.id, name, len(idx) - 2).add(step, counts)
-            except ValueError:
+            except (ValueError, ArithmeticError):
                 log.exception("drift monitor %s of run %s rank %d is off", name, stream.run, stream.rank)
                 self._broken.add(key)
                 continue

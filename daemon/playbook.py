@@ -90,8 +90,8 @@ def decide(incident: Incident | None, actions: set[str], cfg: PlaybookConfig) ->
     open incident                 rule names                  then
     ============================  ==========================  ==========================
     none                          escalate                    pause; escalate
-    none                          pause or rewind             pause, dump, rewind (auto)
-                                                              or pause and wait (manual)
+    none, or watching with no     pause or rewind             pause, dump, rewind (auto)
+    rewind yet (data actions)                                 or pause and wait (manual)
     none                          only dump/skip_shard        those; keep training
                                   (or dump_stacks)
     watching (after a rewind)     pause or rewind             rewind again, or escalate
@@ -108,7 +108,9 @@ def decide(incident: Incident | None, actions: set[str], cfg: PlaybookConfig) ->
         return Decision(dump + skip, incident.state if incident else "watching", Reason.DATA_ONLY)
     if "escalate" in actions:
         return Decision(["pause", *dump], "escalated", Reason.RULE_ESCALATES, escalate=True)
-    if incident is None:
+    if incident is None or incident.rewinds == 0:
+        # No rewind yet (maybe a stall's stack dump or a data action opened the incident): a
+        # first fault, whatever the incident's state says; the manual/auto choice holds.
         if "rewind" in actions or cfg.auto_rewind:
             return Decision(["pause", *dump, "rewind", *skip], "rewinding", Reason.NEW_INCIDENT_REWIND)
         return Decision(["pause", *dump, *skip], "paused", Reason.NEW_INCIDENT_HOLD)
@@ -149,6 +151,7 @@ class Playbook:
         clock: Callable[[], float] = time.time,
         confirm_steps: Callable[[], int] = lambda: 50,
         defer: Callable[[Callable[[Any], Any]], Any] | None = None,
+        connected_ranks: Callable[[str], int] | None = None,
     ) -> None:
         self.store = store
         self.conn = store.conn
@@ -159,6 +162,9 @@ class Playbook:
         self.clock = clock
         self.confirm_steps = confirm_steps
         self.defer = defer  # runs a function on the writer thread (results of background work)
+        # Ranks of a run connected to this daemon: a stack dump is diagnosed once they answered
+        # (on a multi-node job this node's ranks; the other nodes' daemons diagnose theirs).
+        self.connected_ranks = connected_ranks
         self.origin = socket.gethostname()
         self.escalations: dict[str, Event] = {}
         #: Runs paused now; read by the service's clock (replaced whole, never mutated).
@@ -450,9 +456,10 @@ class Playbook:
         self.phases = phases
 
     def disconnected(self, stream: StreamInfo) -> None:
-        """A rank's connection ended: a phase it announced ends with it (any thread)."""
-        if (stream.run, stream.rank) in self.phases:
-            self.phases = {k: v for k, v in self.phases.items() if k != (stream.run, stream.rank)}
+        """A rank's connection ended: no phase of its run holds the stall rules any longer (the
+        others may be hung in the phase's collective waiting for it)."""
+        if any(run == stream.run for run, _ in self.phases):
+            self.phases = {k: v for k, v in self.phases.items() if k[0] != stream.run}
 
     def _applied(self, stream: StreamInfo, e: dict[str, Any]) -> list[Event]:
         if e.get("origin") != self.origin:
@@ -538,7 +545,10 @@ class Playbook:
                        command=cid, rank=stream.rank, result=result)
         answers = {rank: json.loads(body) for rank, body, st in self.conn.execute(
             "SELECT rank, result, state FROM command_acks WHERE command_id = ?", (cid,)) if st == "applied"}
-        if len(answers) < stream.world_size:
+        expected = self.connected_ranks(stream.run) if self.connected_ranks else stream.world_size
+        if len(answers) < min(stream.world_size, max(expected, 1)) or self.conn.execute(
+                "SELECT 1 FROM incident_events WHERE incident_id = ? AND kind = 'diagnosis' AND"
+                " json_extract(detail, '$.command') = ?", (incident_id, cid)).fetchone():
             return
 
         def progress(r: dict[str, Any]) -> tuple[int, bool]:
@@ -554,6 +564,9 @@ class Playbook:
                 return "; ".join(f"rank {r} ({_where(answers[r])})" for r in ranks)
 
             text = f"behind: {show(behind)} | waiting for them: {show(waiting)}"
+        if len(answers) < stream.world_size:
+            text += (f" (the {len(answers)} of {stream.world_size} ranks on this node; the other nodes'"
+                     " daemons diagnose theirs)")
         self._timeline(incident_id, "diagnosis", text, command=cid, behind=behind)
 
     def _synthetic(self, run: str, rank: int, step: Any) -> Event:

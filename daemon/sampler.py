@@ -46,6 +46,10 @@ GPU_LIMITS: dict[str, tuple[float, float]] = {
     "gpu_last_xid": (0.0, 2.0**32),
 }
 MAX_EVENTS_PER_READ = 256  # a storm of XIDs is counted over several reads, never a busy loop
+#: XIDs NVIDIA's XID catalogue lists as usually caused by the application, not the GPU: 13
+#: graphics engine exception, 31 memory page fault, 43 GPU stopped processing, 45 preemptive
+#: cleanup (a killed process). Logged and shown as the last code, not counted as GPU faults.
+APPLICATION_XIDS = frozenset({13, 31, 43, 45})
 _SENTINELS = {0xFFFFFFFF, 0xFFFFFFFFFFFFFFFF, 0x7FFFFFFF}
 
 
@@ -83,6 +87,7 @@ class NvmlSource:
         self.handles = handles
         self._xid_count = [0] * len(handles)
         self._last_xid: list[int | None] = [None] * len(handles)
+        self._xid_watched: set[int] = set()  # GPUs whose XID events NVML delivers
         self._events = self._watch_xids()
         self._gpm: dict[int, Any] = {}  # index -> previous GPM sample, where supported
         for i, h in enumerate(handles):
@@ -117,6 +122,7 @@ class NvmlSource:
         for i, h in enumerate(self.handles):
             try:
                 n.nvmlDeviceRegisterEvents(h, n.nvmlEventTypeXidCriticalError, events)
+                self._xid_watched.add(i)
             except Exception as exc:  # e.g. not supported on this board
                 log.warning("GPU %d: XID events not available (%s)", i, exc)
         return events
@@ -137,9 +143,14 @@ class NvmlSource:
             if not 0 <= index < len(self.handles):
                 log.error("XID %s on a GPU NVML cannot name", data.eventData)
                 continue
+            code = int(data.eventData)
+            self._last_xid[index] = code
+            if code in APPLICATION_XIDS:
+                log.warning("GPU %d reported XID %d (usually the application's fault, not the GPU's)",
+                            index, code)
+                continue
             self._xid_count[index] += 1
-            self._last_xid[index] = int(data.eventData)
-            log.error("GPU %d reported XID %d (a critical GPU error)", index, data.eventData)
+            log.error("GPU %d reported XID %d (a critical GPU error)", index, code)
 
     def close(self) -> None:
         if self._events is not None:
@@ -185,7 +196,7 @@ class NvmlSource:
                     n.NVML_VOLATILE_ECC,
                 ),
                 "gpu_sm_active": self._sm_active(i, h),
-                "gpu_xid_errors": self._xid_count[i] if self._events is not None else None,
+                "gpu_xid_errors": self._xid_count[i] if i in self._xid_watched else None,
                 "gpu_last_xid": self._last_xid[i],
             }
             procs = self._get("nvmlDeviceGetComputeRunningProcesses", h) or []

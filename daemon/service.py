@@ -155,7 +155,9 @@ class Daemon:
         self.playbook = playbook = Playbook(
             store, lambda: self.settings.playbook, lambda run, cmds: ingest.deliver(run, cmds),  # type: ignore[union-attr]
             self._last_step, self._firing_runs, confirm_steps=lambda: self.settings.retention.confirm_steps,
-            defer=lambda fn: self._writer.call(fn))
+            defer=lambda fn: self._writer.call(fn),
+            connected_ranks=lambda run: sum(1 for st in self.live.snapshot()
+                                            if st.info.run == run and st.connections > 0))
         writer.playbook = playbook
         ingest = Ingest(lambda: self.settings, writer, self.live, self.metrics, self.query, playbook)
         self._ingest = ingest

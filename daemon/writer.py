@@ -142,12 +142,17 @@ class Writer:
         store = self.store
         error: BaseException | None = None
         for w in writes:
-            blocks = self.ranks.derive(w.stream, w.samples.blocks)
-            if blocks is not None:
-                w.samples = Samples(w.samples.seq, blocks)
-            blocks = self.drift.derive(w.stream, w.samples.blocks)
-            if blocks is not None:
-                w.samples = Samples(w.samples.seq, blocks)
+            for stage in (self.ranks, self.drift):
+                try:
+                    blocks = stage.derive(w.stream, w.samples.blocks)
+                except Exception:
+                    # A derived series failing must not stop the writer: the frame is stored as sent.
+                    self.metrics.rule_errors.inc()
+                    log.exception("deriving %s for run %s rank %d failed; storing the frame as sent",
+                                  type(stage).__name__, w.stream.run, w.stream.rank)
+                    continue
+                if blocks is not None:
+                    w.samples = Samples(w.samples.seq, blocks)
         try:
             with store.conn:
                 last_seen: dict[int, float] = {}

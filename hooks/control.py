@@ -335,8 +335,10 @@ def _main_thread_position() -> tuple[str, str]:
 def _nccl_trace() -> bytes | None:
     """The NCCL flight recorder's buffer (``TORCH_NCCL_TRACE_BUFFER_SIZE`` > 0), or None."""
     dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_backend() != "nccl":
+    if not (dist.is_available() and dist.is_initialized() and torch.cuda.is_available()):
         return None
+    # Whatever the backend string says ("undefined", "cpu:gloo,cuda:nccl"): the recorder is on
+    # when its buffer is, and the call below fails harmlessly where NCCL is not in use.
     if int(os.environ.get("TORCH_NCCL_TRACE_BUFFER_SIZE", "0") or 0) <= 0:
         return None
     try:

@@ -114,6 +114,10 @@ class _SkipStep(BaseException):
 #: one step in this many: their kernels cost ~0.5 ms a step on a GPU, which a 30 ms step cannot
 #: afford every step; the drift windows just take more steps to fill.
 HISTOGRAM_STEP_SAMPLE = 4
+#: Watched layers (evenly spaced) whose activation values get a histogram.
+MAX_ACTIVATION_HISTOGRAMS = 4
+#: Room histograms may take in a step's row (the rest is for the step's own signals).
+MAX_HISTOGRAM_COLUMNS = protocol.MAX_METRICS_PER_BLOCK // 2
 
 
 def _guarded(fn: F) -> F:
@@ -278,6 +282,8 @@ class Watch:
         self._hists: dict[str, DeviceHistogram] = {}
         self._seq_len = seq_len  # the seq_length grid's top; else the first batch's length
         self._hist_sampler: Sampler | None = None
+        self._hist_refused: set[str] = set()
+        self._activation_hists: set[str] = set()  # activation_norm/<layer> keys that get one
 
         self.buffer = StepBuffer(flush_every, self.device, self._emit)
         inner = _unwrap(model)
@@ -379,8 +385,14 @@ class Watch:
                     chosen.append((layer, by_name[layer]))
                 else:
                     chosen.append((names.get(id(layer), type(layer).__name__), layer))
-        for name, module in chosen:
+        # Activation histograms for a few evenly spaced layers only: 130 columns each, and a
+        # step's row must stay within the protocol's metrics per block.
+        k = min(len(chosen), MAX_ACTIVATION_HISTOGRAMS)
+        picks = {round(i * (len(chosen) - 1) / max(1, k - 1)) for i in range(k)}
+        for i, (name, module) in enumerate(chosen):
             key = f"activation_norm/{name}"
+            if i in picks:
+                self._activation_hists.add(key)
             self._handles.append(module.register_forward_hook(
                 lambda _m, _i, out, _key=key: self._on_activation(_key, out)))
 
@@ -529,6 +541,9 @@ class Watch:
         checkpoint): the daemon does not read the gap in steps as a stall (any rank's phase
         holds the whole run, since the others wait for it), and the time is left out of the
         next step's duration and data wait."""
+        if self._phase is not None:  # nested (a checkpoint saved during evaluation): the outer one counts
+            yield
+            return
         began = time.perf_counter()
         self._phase_event(name, "begin")
         self._phase = name
@@ -665,8 +680,10 @@ class Watch:
                 if self._seq_len is None:
                     self._seq_len = seq_len  # fixed for the run: the grid must not move
                 # hi = seq_len + 1 so that a full-length sample falls in the last bin, not overflow.
-                self._histogram("seq_length", lo=0.0, hi=self._seq_len + 1.0,
-                                fine=min(128, self._seq_len + 1)).add(lengths)
+                h = self._builtin_histogram("seq_length", lo=0.0, hi=self._seq_len + 1.0,
+                                            fine=min(128, self._seq_len + 1))
+                if h is not None:
+                    h.add(lengths)
         ids = kwargs.get("input_ids", args[0] if args else None)
         if isinstance(ids, torch.Tensor) and not ids.is_floating_point():
             self.buffer.set("batch_fingerprint", self._fingerprint(ids))
@@ -693,8 +710,10 @@ class Watch:
         if self._hist_every and self.step % HISTOGRAM_STEP_SAMPLE == 0:
             logits = logits_of(output)
             if logits is not None:
-                self._histogram("output_entropy", lo=0.0, hi=math.log(logits.shape[-1]), fine=128).add(
-                    entropy_sample(logits, self._sampler()))
+                h = self._builtin_histogram("output_entropy", lo=0.0, hi=math.log(logits.shape[-1]),
+                                            fine=128)
+                if h is not None:
+                    h.add(entropy_sample(logits, self._sampler()))
         if self._user_loss:
             return
         loss = getattr(output, "loss", None)
@@ -723,16 +742,29 @@ class Watch:
                 # takes sqrt(sum / count), right also when micro-batches differ in size.
                 self.buffer.add(key, norm.square(), average=False)
                 self.buffer.put_add(key.replace("activation_norm/", "activation_count/", 1), count)
-            if self._hist_every and self.step % HISTOGRAM_STEP_SAMPLE == 0:
-                sample = activation_sample(output, self._sampler())
-                if sample is not None:
-                    name = key.replace("activation_norm/", "activation_values/", 1)
-                    self._histogram(name, -ACTIVATION_RANGE, ACTIVATION_RANGE, 128).add(sample)
+            if self._hist_every and key in self._activation_hists and self.step % HISTOGRAM_STEP_SAMPLE == 0:
+                name = key.replace("activation_norm/", "activation_values/", 1)
+                h = self._builtin_histogram(name, -ACTIVATION_RANGE, ACTIVATION_RANGE, 128)
+                sample = activation_sample(output, self._sampler()) if h is not None else None
+                if sample is not None and h is not None:
+                    h.add(sample)
 
     def _sampler(self) -> Sampler:
         if self._hist_sampler is None:
             self._hist_sampler = Sampler(self.device)
         return self._hist_sampler
+
+    def _builtin_histogram(self, name: str, lo: float, hi: float, fine: int) -> DeviceHistogram | None:
+        """A built-in histogram, or None (said once) when it cannot be one: a name too long
+        for a key, a grid that changed, no room left in the step's row. Monitoring goes on."""
+        if name in self._hist_refused:
+            return None
+        try:
+            return self._histogram(name, lo, hi, fine)
+        except ValueError as exc:
+            log.warning("runwatch: no drift histogram %s: %s", name, exc)
+            self._hist_refused.add(name)
+            return None
 
     def _histogram(self, name: str, lo: float, hi: float, fine: int) -> DeviceHistogram:
         h = self._hists.get(name)
@@ -741,6 +773,10 @@ class Watch:
             bad = [k for k in (h.keys[0], h.keys[-1]) if not protocol.METRIC_KEY.fullmatch(k)]
             if bad or len(h.keys[-1]) > protocol.MAX_KEY_LENGTH:
                 raise ValueError(f"histogram name {name!r} does not make a valid key ({h.keys[-1]!r})")
+            columns = sum(len(x.keys) for x in self._hists.values()) + len(h.keys)
+            if columns > MAX_HISTOGRAM_COLUMNS:
+                raise ValueError(f"histograms would take {columns} columns of a step's row, more than "
+                                 f"{MAX_HISTOGRAM_COLUMNS} (half the protocol's metrics per block)")
             self.buffer.reserve(h.keys)
             self._hists[name] = h
         elif h.grid() != (float(lo), float(hi), fine):

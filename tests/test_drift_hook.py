@@ -45,7 +45,7 @@ def test_signed_log_grid() -> None:
     assert y[2] == 0 and y[1] == -y[3] and y[0] < -8 < 8 < y[4]
 
 
-def _run_watch(steps: int, **options: Any) -> list[Any]:
+def _run_watch(steps: int, model: torch.nn.Module | None = None, **options: Any) -> list[Any]:
     from runwatch.hooks.watch import Watch
     sent: list[Any] = []
 
@@ -70,7 +70,7 @@ def _run_watch(steps: int, **options: Any) -> list[Any]:
     import drift_train
 
     torch.manual_seed(0)
-    model = drift_train.Tiny()
+    model = model or drift_train.Tiny()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     w = Watch(model, opt, run="t", sender=Capture(), guard="off", **options)  # type: ignore[arg-type]
     g = torch.Generator().manual_seed(0)
@@ -166,3 +166,29 @@ def test_training_whose_data_shifts_raises_a_drift_alert_and_a_steady_one_does_n
         assert "runwatch_train_hist" not in text
     finally:
         daemon.terminate()
+
+
+def test_a_deep_model_keeps_every_step_row_within_the_protocol() -> None:
+    """A 40-block model: activation histograms for 4 evenly spaced blocks only, so the row of a
+    histogram step still decodes (an oversized block would be refused and resent forever)."""
+    from runwatch.daemon import protocol
+    from runwatch.hooks.sender import encode_blocks
+
+    sys.path.insert(0, str(REPO / "tests"))
+    import drift_train
+
+    class Deep(drift_train.Tiny):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(16, 16) for _ in range(40))
+
+    sent = _run_watch(16, model=Deep(), flush_every=16, histogram_every=16)
+    names = set().union(*(b.names for b in sent))
+    hists = histogram_columns(tuple(sorted(names)))
+    assert sorted(n for n in hists if n.startswith("activation_values/")) == \
+        sorted(f"activation_values/layers.{i}" for i in (0, 13, 26, 39))
+    for batch in sent:
+        for block in encode_blocks(batch):
+            frame = protocol.samples_frame(1, [block])
+            decoded = protocol.SamplesDecoder().decode(frame[protocol.HEADER.size:])
+            assert decoded.blocks and len(decoded.blocks[0].names) <= protocol.MAX_METRICS_PER_BLOCK

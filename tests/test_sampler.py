@@ -212,12 +212,14 @@ def test_xid_errors_are_counted_per_gpu_and_a_rise_is_critical() -> None:
     source = NvmlSource(nvml, ["gpu0", "gpu1", "gpu2"])
     assert nvml.registered == ["gpu0", "gpu1"]  # a board without events does not stop the others
     first = source.read()
-    assert [g.values["gpu_xid_errors"] for g in first] == [0, 0, 0]
+    assert [g.values["gpu_xid_errors"] for g in first][:2] == [0, 0]
     assert all(math.isnan(g.values["gpu_last_xid"]) for g in first)
-    nvml.queue += [EventNvml.Event("gpu1", 79), EventNvml.Event("gpu1", 48), EventNvml.Event("gpu0", 94)]
+    nvml.queue += [EventNvml.Event("gpu1", 79), EventNvml.Event("gpu1", 48), EventNvml.Event("gpu0", 94),
+                   EventNvml.Event("gpu0", 13)]  # 13: the application's kernel faulted, not the GPU
     second = source.read()
-    assert [g.values["gpu_xid_errors"] for g in second] == [1, 2, 0]
-    assert [g.values["gpu_last_xid"] for g in second][:2] == [94, 48]
+    assert [g.values["gpu_xid_errors"] for g in second][:2] == [1, 2]
+    assert math.isnan(second[2].values["gpu_xid_errors"])  # not watched: unknown, not 0
+    assert [g.values["gpu_last_xid"] for g in second][:2] == [13, 48]
     # As stored and judged: the default pack's rule fires on the GPU whose count rose.
     from runwatch.daemon.paths import default_rules_dir
     from runwatch.daemon.rules.engine import Engine, StreamRef

@@ -23,6 +23,7 @@ what memory did then.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import multiprocessing as mp
 import os
@@ -39,8 +40,24 @@ from typing import Any
 import numpy as np
 import psutil
 
+import runwatch.daemon
 from runwatch.daemon.client import Client, DaemonUnreachable
-from runwatch.hooks.sender import Batch, Sender
+
+
+def _load_sender() -> Any:
+    """The hook's sender module without ``runwatch.hooks`` (whose import pulls in torch: 64
+    processes of it would not fit this machine's memory). The sender itself needs no torch."""
+    path = Path(runwatch.daemon.__file__).parent.parent / "hooks" / "sender.py"
+    spec = importlib.util.spec_from_file_location("runwatch_bench_sender", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+_sender = _load_sender()
+Batch, Sender = _sender.Batch, _sender.Sender
 
 HIST_BINS = 130
 RULE_METRICS = ("loss", "grad_norm", "tokens_per_second", "token_efficiency", "step_duration_seconds",

@@ -45,6 +45,14 @@ EXIT_PENDING = 6  # a command was sent but the run did not apply it within --wai
 EXIT_FAILED = 7  # the run reported that it could not apply the command
 
 
+PIPED_WIDTH = 200  # rich squeezes tables to 80 columns off a terminal and would cut run names
+
+
+def _console() -> Console:
+    """Standard output's console: a terminal's own width, or wide enough when piped to grep or a file."""
+    return Console() if sys.stdout.isatty() else Console(width=PIPED_WIDTH)
+
+
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True))
 
@@ -157,7 +165,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         outbox = ", ".join(f"{v} {k}" for k, v in sorted(notify["outbox"].items())) or "empty"
         table.add_row("receivers", ", ".join(f"{k} ({v})" for k, v in notify["receivers"].items()))
         table.add_row("outbox", outbox)
-    Console().print(table)
+    _console().print(table)
     return 0
 
 
@@ -176,7 +184,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
         _print_json(runs)
         return 0
     if not runs:
-        Console().print("no live runs on this node" + ("" if args.all else " (--all shows past ones)"))
+        _console().print("no live runs on this node" + ("" if args.all else " (--all shows past ones)"))
         return 0
     table = Table(title="runs on this node")
     for col in ("run", "ranks", "last step", "steps/s", "last seen", "loss", "grad norm", "lr"):
@@ -195,7 +203,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
             _fmt(latest.get("grad_norm", "")),
             _fmt(lr),
         )
-    Console().print(table)
+    _console().print(table)
     return 0
 
 
@@ -211,7 +219,7 @@ def cmd_alerts(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(reply)
         return 0
-    console = Console()
+    console = _console()
     if not reply.get("enabled", True):
         console.print("rules are switched off on this daemon (rules_enabled = false)")
         return 0
@@ -309,7 +317,7 @@ def cmd_rules_list(args: argparse.Namespace) -> int:
         style = _SEVERITY_STYLE.get(r["severity"], "")
         table.add_row(r["name"], f"[{style}]{r['severity']}[/]", ", ".join(r["actions"]), r["version"],
                       f"{r['file']}:{r['line']}")
-    Console().print(table)
+    _console().print(table)
     for line in reply["errors"]:
         Console(stderr=True).print(f"[red]refused[/red] {line}")
     return 0
@@ -365,7 +373,7 @@ def cmd_silence_list(args: argparse.Namespace) -> int:
         table.add_row(str(x["id"]), ", ".join(f"{k}={v}" for k, v in x["matchers"].items()),
                       time.strftime("%m-%d %H:%M", time.localtime(x["ends_at"])), x["created_by"],
                       x["comment"], "yes" if x["active"] else "no")
-    Console().print(table)
+    _console().print(table)
     return 0
 
 
@@ -399,7 +407,7 @@ def cmd_notifications(args: argparse.Namespace) -> int:
     for n in reply["outbox"]:
         table.add_row(str(n["id"]), n["receiver"], n["state"], str(n["attempts"]), n["reason"],
                       str(n["firing"]), str(n["resolved"]), n["last_error"] or "")
-    Console().print(table)
+    _console().print(table)
     return 0
 
 
@@ -474,7 +482,7 @@ def cmd_incidents(args: argparse.Namespace) -> int:
     for i in reply["incidents"]:
         table.add_row(str(i["id"]), i["run"], i["state"], i["rule"], str(i["first_step"]), str(i["rewinds"]),
                       _when(i["opened"]), i["summary"][:80])
-    Console().print(table)
+    _console().print(table)
     return 0
 
 
@@ -486,7 +494,7 @@ def cmd_incident_show(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(inc)
         return 0
-    console = Console()
+    console = _console()
     console.print(f"[bold]incident {inc['id']}[/bold] on run [bold]{inc['run']}[/bold]: {inc['state']}"
                   f" (rule {inc['rule']}, step {inc['first_step']}, {inc['rewinds']} rewinds)")
     console.print(inc["summary"])
@@ -529,7 +537,7 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
         age = f"{(now - c['saved_at']) / 3600:.1f} h" if c.get("saved_at") else "-"
         why = c["reason"] if c["keep"] else f"[red]{c['reason']}[/red]"
         table.add_row(str(c["step"]), size, age, c["state"], why, c["path"])
-    Console().print(table)
+    _console().print(table)
     if control:
         print(f"run state: {control['state']}, learning-rate scale x{control['lr_scale']:g}")
     return 0
@@ -560,7 +568,7 @@ def cmd_retention_plan(args: argparse.Namespace) -> int:
     for d in reply["decisions"]:
         verdict = "keep" if d["keep"] else "[red]delete[/red]"
         table.add_row(str(d["step"]), f"{d['size_bytes'] / 1e6:.1f} MB", verdict, d["reason"])
-    Console().print(table)
+    _console().print(table)
     print(f"would free {reply['freed_bytes'] / 1e6:.1f} MB, keep {reply['kept_bytes'] / 1e6:.1f} MB")
     for incident in reply["no_rollback_target"]:
         print(f"incident {incident}: no clean checkpoint before it exists", file=sys.stderr)

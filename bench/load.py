@@ -16,8 +16,9 @@ time to its first sight in the store, measured to within the 50 ms probe), and p
 (every step a rank sent, after its sender flushed, must be in the store).
 
 With ``--ramp F`` the rate is multiplied by F every ``--stage`` seconds until the lag p99 of
-a stage passes 1 s or a rank drops points; it says at which rate the daemon fell behind and
-what memory did then.
+a stage passes 1 s; then one more stage runs at twice that rate, to see how the daemon
+degrades (memory, hooks spooling or dropping, the longest time a step spent handing its
+values to the sender).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def rank_main(sock: str, rank: int, ranks: int, metrics: int, rate: Any, stop: A
     hist_names = names + tuple(f"hist/load/{i}" for i in range(HIST_BINS))
     rng = np.random.default_rng(rank)
     level = np.abs(rng.normal(1.0, 0.3, len(names))) + 0.1
-    step, next_at = 0, time.monotonic()
+    step, next_at, put_max = 0, time.monotonic(), 0.0
     while not stop.is_set():
         values = level * (1 + rng.normal(0, 0.02, len(names)))
         if step % 16 == 15:
@@ -88,7 +89,9 @@ def rank_main(sock: str, rank: int, ranks: int, metrics: int, rate: Any, stop: A
             batch = Batch(hist_names, np.array([step]), np.array([time.time()]), row)
         else:
             batch = Batch(names, np.array([step]), np.array([time.time()]), values[None, :])
-        sender.put(batch)
+        t0 = time.perf_counter()
+        sender.put(batch)  # what a training step pays: it must never wait for the daemon
+        put_max = max(put_max, time.perf_counter() - t0)
         step += 1
         next_at += 1.0 / rate.value
         delay = next_at - time.monotonic()
@@ -98,7 +101,8 @@ def rank_main(sock: str, rank: int, ranks: int, metrics: int, rate: Any, stop: A
             next_at = time.monotonic()  # behind: do not burst to catch up
     flushed = sender.flush(60)
     sender.close(10)
-    results.put({"rank": rank, "steps": step, "dropped_points": sender.dropped_points, "flushed": flushed})
+    results.put({"rank": rank, "steps": step, "dropped_points": sender.dropped_points, "flushed": flushed,
+                 "put_max_s": put_max})
 
 
 def probe_lag(db: Path, seen: dict[int, int]) -> list[float]:
@@ -167,6 +171,7 @@ def main() -> int:
     stage_lags: list[float] = []
     all_lags: list[float] = []
     stage_start, next_sample, scrapes = started, started, 0
+    overloaded = False
     cpu0 = sum(proc.cpu_times()[:2])
     while time.monotonic() - started < a.duration:
         lags = probe_lag(db, seen)
@@ -190,8 +195,12 @@ def main() -> int:
             print(f"stage: {rate.value:.1f} steps/s/rank ({stages[-1]['points_per_s']:,.0f} points/s): "
                   f"lag p50 {stages[-1]['lag_p50']:.3f}s p99 {p99:.3f}s, RSS {timeline[-1]['rss_mb']:.0f} MB",
                   flush=True)
-            if p99 > 1.0:
+            if overloaded:
                 break
+            if p99 > 1.0:
+                # Fallen behind: one more stage at twice the rate, to see how it degrades.
+                overloaded = True
+                rate.value *= 2 / a.ramp
             rate.value *= a.ramp
             stage_lags, stage_start = [], now
         time.sleep(0.05)
@@ -218,6 +227,7 @@ def main() -> int:
         "steps_sent": steps, "points_sent": steps * a.metrics, "steps_lost": lost,
         "points_per_second": round(steps * a.metrics / elapsed),
         "dropped_points_in_hooks": sum(s["dropped_points"] for s in sent),
+        "hook_put_max_s": round(max(s["put_max_s"] for s in sent), 4),
         "lag_p50_s": round(pct(all_lags, 50), 3), "lag_p99_s": round(pct(all_lags, 99), 3),
         "lag_max_s": round(max(all_lags, default=float("nan")), 3),
         "daemon_cpu_share_mean": round(float(np.mean([x["cpu_share"] for x in timeline[6:]] or [np.nan])), 3),

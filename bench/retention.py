@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -49,6 +50,9 @@ def main() -> None:
         store = Store.open(root / "runwatch.db")
         mgr.ensure_schema(store)
         with store.conn:
+            # Retention manages only folders owned by the run's owner: the run needs its row.
+            store.conn.execute("INSERT INTO runs (name, owner_uid, created) VALUES ('b', ?, 0)",
+                               (os.geteuid(),))
             store.conn.execute(
                 "INSERT INTO run_control (run, state, checkpoint_dir, updated) VALUES ('b', 'running', ?, 0)",
                 (str(root / "ckpt"),),
@@ -76,6 +80,10 @@ def main() -> None:
         pol.plan(cands, pol.Policy(), [pol.Incident(1, a.checkpoints // 2)], now=float(a.checkpoints))
         t_plan = time.perf_counter() - t0
         deletions = len(first.plans["b"].delete)
+        t0 = time.perf_counter()
+        deleting = m.run_pass()  # carries the plan out: marker, trash (one store row each), purge
+        t_delete = time.perf_counter() - t0
+        assert len(deleting.deleted) == deletions and len(deleting.purged) == deletions
         m.conn.close()
         store.close()
     out = {
@@ -84,10 +92,12 @@ def main() -> None:
         "pass_s": t_pass,
         "plan_only_s": t_plan,
         "would_delete": deletions,
+        "deleting_pass_s": t_delete,
     }
     print(
         f"{a.checkpoints} checkpoints: first pass {t_first:.2f} s, later passes {t_pass:.2f} s,"
-        f" plan() alone {t_plan * 1e3:.1f} ms; the default policy would delete {deletions}"
+        f" plan() alone {t_plan * 1e3:.1f} ms; the default policy would delete {deletions};"
+        f" the pass that deletes and purges them {t_delete:.2f} s"
     )
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2))

@@ -32,6 +32,7 @@ import json
 import os
 import re
 import stat
+import warnings
 import zipfile
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -61,6 +62,23 @@ DCP_METADATA = ".metadata"
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used; the message names the path and what is wrong."""
+
+
+class CompetingRetentionWarning(UserWarning):
+    """A framework's own checkpoint rotation (Hugging Face ``save_total_limit``, Lightning
+    ``save_top_k``) is on in a folder runwatch's retention manages: it deletes checkpoints that
+    runwatch may protect (a rollback target, a pin). Warned once when training starts."""
+
+
+def warn_competing_retention(setting: str, fix: str, folder: str | os.PathLike[str]) -> None:
+    """Warn (:class:`CompetingRetentionWarning`) that ``setting`` deletes checkpoints in ``folder``
+    behind runwatch's back, and say what to set instead (``fix``)."""
+    warnings.warn(
+        f"runwatch: {setting} deletes checkpoints in {folder} by itself, including ones runwatch's retention"
+        f" protects (an incident's rollback target, a pinned step, every Nth). {fix}, and let the runwatch"
+        " daemon's [retention] policy decide what to keep; if a protected checkpoint is deleted anyway,"
+        " the daemon raises retention_protected_checkpoint_lost.",
+        CompetingRetentionWarning, stacklevel=3)
 
 
 @dataclass(frozen=True)

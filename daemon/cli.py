@@ -16,7 +16,10 @@
     runwatch checkpoints RUN [--json] | retention plan RUN [--json] | pin RUN STEP | unpin RUN STEP
     runwatch manifest DATA_DIR [--verify [--shard S]] [--json]
     runwatch report RUN [--incident ID] [--out DIR] [--json]   (reads the store; no daemon needed)
+    runwatch history RUN METRIC [--rank R] [--resolution raw|1m|1h] [--since 2h] [--json]   (reads the store)
     runwatch demo
+    runwatch drift list [--run NAME] [--json]
+    runwatch drift freeze RUN MONITOR [--rank R] (--steps A:B | --from-run RUN2 [--from-rank R2]) [--json]
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -94,6 +98,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         "log_level": args.log_level,
         "rules": args.rules,
         "rules_enabled": False if args.no_rules else None,
+        "retention_enabled": False if args.retention_dry_run else None,
     }
     try:
         settings = load_settings(args.config, **flags)
@@ -537,6 +542,13 @@ def cmd_checkpoints(args: argparse.Namespace) -> int:
         age = f"{(now - c['saved_at']) / 3600:.1f} h" if c.get("saved_at") else "-"
         why = c["reason"] if c["keep"] else f"[red]{c['reason']}[/red]"
         table.add_row(str(c["step"]), size, age, c["state"], why, c["path"])
+    # What left the folder: in the trash (not purged yet), quarantined by a rewind, or lost.
+    for g in reply.get("gone") or []:
+        size = f"{g['size_bytes'] / 1e6:.1f} MB" if g.get("size_bytes") is not None else "-"
+        age = f"{(now - g['saved_at']) / 3600:.1f} h" if g.get("saved_at") else "-"
+        why = {"trash": f"deleted: {g['reason']}; in the trash until purged"}.get(g["state"], g["reason"])
+        why += f"; {g['note']}" if g.get("note") else ""
+        table.add_row(str(g["step"]), size, age, g["state"], f"[red]{why}[/red]", g["path"])
     _console().print(table)
     if control:
         print(f"run state: {control['state']}, learning-rate scale x{control['lr_scale']:g}")
@@ -602,10 +614,100 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     return 0 if not bad else EXIT_FAILED
 
 
+def cmd_drift_list(args: argparse.Namespace) -> int:
+    reply = _daemon_call(args, "drift", run=args.run)
+    if reply is None:
+        return EXIT_UNREACHABLE
+    if args.json:
+        _print_json(reply)
+        return 0
+    table = Table(title="drift monitors")
+    for col in ("run", "rank", "monitor", "phase", "reference", "last PSI", "warn at", "state",
+                "worst shard"):
+        table.add_column(col)
+    for m in reply["monitors"]:
+        ref, last, worst = m["reference"], m["last_window"], m["worst_shard"]
+        table.add_row(m["run"], str(m["rank"]), m["monitor"], "off" if m["broken"] else m["phase"],
+                      (f"{ref['source']} ({ref['values']} values)" if ref else m["note"] or "-"),
+                      f"{last['psi']:.4f}" if last else "-", f"{last['warn_threshold']:.4f}" if last else "-",
+                      ("ok", "warning", "critical")[last["state"]] if last else "-",
+                      f"{worst['shard']} (state {worst['state']}, PSI {worst['psi']:.3f})" if worst else "-")
+    _console().print(table)
+    return 0
+
+
+def cmd_drift_freeze(args: argparse.Namespace) -> int:
+    if args.steps is None and args.from_run is None:
+        print("runwatch drift freeze: give --steps FIRST:LAST, --from-run RUN, or both", file=sys.stderr)
+        return EXIT_USAGE
+    reply = _daemon_call(args, "drift_freeze", run=args.run, monitor=args.monitor, rank=args.rank,
+                         steps=args.steps, from_run=args.from_run, from_rank=args.from_rank)
+    if reply is None:
+        return EXIT_FAILED
+    if args.json:
+        _print_json(reply)
+        return 0
+    for f in reply["frozen"]:
+        print(f"{f['run']} rank {f['rank']} {f['monitor']}: reference frozen from {f['source']}"
+              f" ({f['values']} values, {f['bins']} bins)"
+              + ("" if f["live"] else "; used when it next reports"))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from runwatch.daemon.demo import run_demo
 
     return run_demo(steps=args.steps)
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from runwatch.daemon import history
+    from runwatch.daemon.rules.spec import parse_seconds
+    from runwatch.daemon.store import Store
+
+    try:
+        since = time.time() - parse_seconds(args.since) if args.since else None
+        store_path = args.store or load_settings(args.config).store_path
+    except (ValueError, ConfigError) as exc:
+        print(f"runwatch history: {exc}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, ValueError) else EXIT_CONFIG
+    if not store_path.is_file():
+        print(f"runwatch history: no store at {store_path}", file=sys.stderr)
+        return EXIT_USAGE
+    conn = Store.reader(store_path)
+    try:
+        points = history.points(conn, args.run, args.rank, args.metric, args.resolution, since)
+    except history.HistoryError as exc:
+        print(f"runwatch history: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        conn.close()
+    if args.json:
+        _print_json([{k: _json_safe(v) for k, v in p.items()} for p in points])
+        return 0
+    table = Table(title=f"{args.metric} of {args.run} rank {args.rank}"
+                        f" ({args.resolution}, {len(points)} points)")
+    if args.resolution == "raw":
+        for col in ("step", "time", "value"):
+            table.add_column(col, justify="right")
+        for p in points:
+            table.add_row(str(p["step"]), _clock(p["time"]), f"{p['value']:.6g}")
+    else:
+        for col in ("bucket", "steps", "mean", "min", "max", "last", "nonfinite"):
+            table.add_column(col, justify="right")
+        for p in points:
+            table.add_row(_clock(p["time"]), f"{p['first_step']}-{p['last_step']} ({p['steps']})",
+                          *(f"{p[k]:.6g}" for k in ("mean", "min", "max", "last")), str(p["nonfinite"]))
+    _console().print(table)
+    return 0
+
+
+def _json_safe(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def _clock(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -624,6 +726,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rules", type=Path, action="append",
                    help="rule file or folder (repeatable; default: the shipped pack)")
     p.add_argument("--no-rules", action="store_true", help="judge nothing: store and export only")
+    p.add_argument("--retention-dry-run", action="store_true",
+                   help="checkpoint retention plans and shows, deletes nothing (retention_enabled = false)")
     p.set_defaults(func=cmd_daemon)
 
     p = sub.add_parser("status", help="the daemon's health and where it listens")
@@ -718,7 +822,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_incident_show)
 
-    p = sub.add_parser("checkpoints", help="the checkpoints a run registered")
+    p = sub.add_parser("checkpoints", help="a run's checkpoints: state, why kept or deleted, trash")
     _socket_arg(p)
     p.add_argument("run")
     p.add_argument("--json", action="store_true")
@@ -740,12 +844,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_retention_plan)
 
+    p = sub.add_parser("history", help="one metric over time: raw steps or 1m/1h rollups (reads the store)")
+    p.add_argument("run")
+    p.add_argument("metric", help="metric name as stored, e.g. loss or grad_norm")
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--resolution", choices=("raw", "1m", "1h"), default="1m")
+    p.add_argument("--since", help="only the last 30m, 2h, 7d, ... (default: all kept)")
+    p.add_argument("--store", type=Path, metavar="FILE", help="the store file (default: the daemon's)")
+    p.add_argument("--config", type=Path, metavar="FILE", help="daemon TOML config, for state_dir")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_history)
+
     p = sub.add_parser("manifest", help="write (or --verify) a checksum manifest of a data folder")
     p.add_argument("data_dir", type=Path)
     p.add_argument("--verify", action="store_true", help="compare the files with the manifest")
     p.add_argument("--shard", help="with --verify: only this shard (number or name)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_manifest)
+
+    drift = sub.add_parser("drift", help="drift monitors: their references and last windows").add_subparsers(
+        dest="drift_command", required=True, metavar="SUBCOMMAND")
+    p = drift.add_parser("list", help="each monitor: phase, where its reference came from, last PSI, state")
+    _socket_arg(p)
+    p.add_argument("--run", help="only this run")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_drift_list)
+    p = drift.add_parser("freeze", help="freeze a monitor's reference from a stored step range or from "
+                         "another run")
+    _socket_arg(p)
+    p.add_argument("run", help="the monitored run")
+    p.add_argument("monitor", help="histogram name or glob (seq_length, activation_values/*)")
+    p.add_argument("--rank", type=int, help="only this rank (default: every rank with the monitor)")
+    p.add_argument("--steps", metavar="FIRST:LAST", help="stored steps (inclusive) whose histograms form it")
+    p.add_argument("--from-run", help="take them from this run (default: the run itself); without --steps, "
+                   "its saved reference")
+    p.add_argument("--from-rank", type=int, help="rank of --from-run (default: the same rank)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_drift_freeze)
 
     p = sub.add_parser("demo", help="a bad batch on a tiny GPT: spike, pause, dump, rewind, resume, report")
     p.add_argument("--steps", type=int, default=300, help="training steps (default 300)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +23,7 @@ from pydantic_settings import (
 )
 
 from runwatch.daemon import paths
+from runwatch.daemon.history import HistorySettings
 from runwatch.daemon.notify.config import Alerting
 from runwatch.daemon.retention.policy import Policy as RetentionPolicy
 
@@ -50,6 +52,36 @@ class Playbook(BaseModel):
                              "resolve the incident.")
 
 
+class DriftReference(BaseModel):
+    """``[[drift.references]]``: where the reference of the monitors it matches comes from,
+    instead of being learned after warm-up (daemon/monitors.py; the first entry that matches wins)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    monitor: str = Field(min_length=1, description="Histogram name or glob: seq_length, activation_values/*.")
+    run: str = Field(default="*", min_length=1, description="Monitored run name or glob.")
+    steps: tuple[int, int] | None = Field(default=None, description="[first, last] step (inclusive) whose "
+                                          "histograms form the reference.")
+    from_run: str | None = Field(default=None, description="Take the reference from this run: its steps, "
+                                 "or without steps its own frozen reference.")
+    from_rank: int | None = Field(default=None, ge=0, description="...of this rank (default: the same rank).")
+
+    @model_validator(mode="after")
+    def _check(self) -> DriftReference:
+        if self.steps is None and self.from_run is None:
+            raise ValueError("give steps = [first, last], from_run = \"<run>\", or both")
+        if self.steps is not None and not 0 <= self.steps[0] <= self.steps[1]:
+            raise ValueError(f"steps {list(self.steps)}: need 0 <= first <= last")
+        if self.from_run is not None and not _RUN_NAME.fullmatch(self.from_run):
+            raise ValueError(f"from_run {self.from_run!r} is not a run name (letters, digits, _ . : @ + -)")
+        if self.from_rank is not None and self.from_run is None:
+            raise ValueError("from_rank needs from_run")
+        return self
+
+
+_RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@+-]{0,199}")  # protocol.RUN_NAME, without numpy
+
+
 class Drift(BaseModel):
     """The drift monitors over the histograms hooks stream (see daemon/drift.py for the math)."""
 
@@ -60,6 +92,8 @@ class Drift(BaseModel):
                                  "reference (it grows until min_reference_values).")
     min_reference_values: int = Field(default=1000, ge=1, description="Values the reference needs.")
     window_values: int = Field(default=1024, ge=1, description="Values per compared window.")
+    shard_window_values: int = Field(default=256, ge=1, description="Values per compared window of one "
+                                     "data shard (its seq_length@shard windows).")
     bins: int = Field(default=10, ge=1, le=128, description="Coarse bins frozen at the reference's "
                       "quantiles (plus under- and overflow).")
     warn_quantile: float = Field(default=0.99, gt=0, lt=1, description="Chi-square quantile of the "
@@ -69,6 +103,8 @@ class Drift(BaseModel):
     critical_floor: float = Field(default=0.25, ge=0, description="PSI below which nothing is critical.")
     debounce_k: int = Field(default=2, ge=1, description="A tier holds when k of the last m windows")
     debounce_m: int = Field(default=3, ge=1, description="reach it.")
+    references: list[DriftReference] = Field(default_factory=list, description="References frozen from "
+                                             "a step range or another run, per monitor and run.")
 
     @model_validator(mode="after")
     def _check(self) -> Drift:
@@ -115,6 +151,11 @@ class Settings(BaseSettings):
     playbook: Playbook = Field(default_factory=Playbook, description="pause, rewind, escalate")
     retention: RetentionPolicy = Field(default_factory=RetentionPolicy, description="checkpoint keep policy")
     drift: Drift = Field(default_factory=Drift, description="drift monitors (PSI, JS, tiers)")
+    history: HistorySettings = Field(default_factory=HistorySettings,
+                                     description="how long raw steps and 1m/1h rollups are kept")
+    store_reserve_mb: int = Field(
+        default=64, ge=0, le=65536, description="Disk set aside beside the store for alerts when the disk "
+        "fills (given up while full, taken back when space returns); 0 sets none aside.")
     retention_enabled: bool = Field(
         default=True, description="Delete what the retention policy keeps not (false: plan and show only).")
     retention_quiet_seconds: float = Field(

@@ -15,7 +15,13 @@ bins the reference touches are merged at its quantiles into ``bins`` bins of abo
 Underflow and overflow stay bins of their own, and so (``split_empty_tails``) do the parts of
 the fine grid below and above anything the reference saw: a new mode in a region the reference
 never reached lands in a bin of its own instead of being diluted into a wide tail bin. A
-reference may also be given directly as fine counts (a step range from the store, another run).
+reference may also be given directly as fine counts (a step range from the store, another run),
+restored with its own coarse bins (a persisted one), or be an absolute step range of the
+monitored stream (``reference_steps``).
+
+Data shards (:meth:`DriftMonitor.add_shard`): counts tagged with a shard fill that shard's own
+windows (``shard_window_values``), each judged against the monitor's one reference with its own
+debounce; at most ``MAX_SHARDS`` shards are followed at once, so memory stays bounded.
 
 Window: consecutive steps, in arrival order, whose counts sum to at least ``window_values``
 values. Steps are not split, so a window's N is ``window_values`` or a little more; windows do
@@ -52,8 +58,8 @@ the damage for large windows.
 from __future__ import annotations
 
 import math
-from collections import deque
-from dataclasses import dataclass, field
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from functools import lru_cache
 from itertools import pairwise
@@ -61,8 +67,6 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
-from scipy.spatial.distance import jensenshannon
-from scipy.stats import chi2
 
 __all__ = [
     "CoarseBins",
@@ -280,12 +284,21 @@ def js_distance(reference: Counts, current: Counts) -> float:
     q = _shares(current, "current")
     if p.shape != q.shape:
         raise ValueError(f"reference and current differ in length: {p.size} != {q.size}")
+    return _js(p, q)
+
+
+def _js(p: np.ndarray, q: np.ndarray) -> float:
+    from scipy.spatial.distance import jensenshannon  # here: scipy's import costs ~1 s of a daemon's start
+
     return float(jensenshannon(p, q, base=2))
 
 
 @lru_cache(maxsize=4096)
 def _chi2_ppf(quantile: float, dof: int) -> float:
-    # ppf costs tens of microseconds; (quantile, dof) pairs are few, so cache them.
+    # ppf costs tens of microseconds; (quantile, dof) pairs are few, so cache them. scipy.stats
+    # is imported on first use: it costs about a second of every daemon start otherwise.
+    from scipy.stats import chi2
+
     return float(chi2.ppf(quantile, dof)) if dof > 0 else 0.0
 
 
@@ -325,6 +338,7 @@ class DriftConfig:
     reference_steps: int = 200
     min_reference_values: int = 1000
     window_values: int = 1024
+    shard_window_values: int = 256
     pseudocount: float = 0.5
     warn_quantile: float = 0.99
     critical_quantile: float = 0.999
@@ -343,7 +357,7 @@ class DriftConfig:
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise bad(name, "must be a finite number")
         for name in ("fine", "bins", "warmup_steps", "reference_steps", "min_reference_values",
-                     "window_values", "debounce_k", "debounce_m"):
+                     "window_values", "shard_window_values", "debounce_k", "debounce_m"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
                 raise bad(name, "must be an integer")
         if not isinstance(self.split_empty_tails, bool):
@@ -362,6 +376,8 @@ class DriftConfig:
             raise bad("min_reference_values", "must be >= 1")
         if self.window_values < 1:
             raise bad("window_values", "must be >= 1")
+        if self.shard_window_values < 1:
+            raise bad("shard_window_values", "must be >= 1")
         if not self.pseudocount > 0:
             raise bad("pseudocount", "must be > 0")
         if not 0 < self.warn_quantile < 1:
@@ -413,26 +429,54 @@ class DriftResult:
     counts: np.ndarray = field(repr=False, compare=False)  # the window's coarse counts
 
 
+class _Open:
+    """A window being filled and the debounce history of the windows before it: the monitor's
+    own, or one data shard's (see :meth:`DriftMonitor.add_shard`)."""
+
+    __slots__ = ("counts", "first", "history", "last", "last_fed", "result", "state")
+
+    def __init__(self, n_bins: int, debounce_m: int) -> None:
+        self.counts = np.zeros(n_bins, dtype=np.float64)
+        self.first: int | None = None
+        self.last: int | None = None
+        self.history: deque[Tier] = deque(maxlen=debounce_m)
+        self.state = Tier.OK
+        self.result: DriftResult | None = None  # the last completed window's
+        self.last_fed = -1  # step of the last counts added
+
+
+#: Data shards one monitor follows at once (least recently fed forgotten first): memory stays
+#: bounded however many shards a run reads.
+MAX_SHARDS = 64
+#: A shard counts towards :meth:`DriftMonitor.worst_shard` while it was fed within this many steps.
+SHARD_ACTIVE_STEPS = 256
+
+
 class DriftMonitor:
     """Feeds per-step fine counts through warm-up, reference and windows; see the module doc.
 
-    A ``reference`` (fine counts) given here is frozen at once and warm-up is skipped. Not
-    thread-safe: one monitor belongs to one consumer.
+    A ``reference`` (fine counts) given here is frozen at once and warm-up is skipped. With
+    ``reference_steps`` (an inclusive ``(first, last)`` of absolute step numbers) the reference
+    is the steps in that range instead of the configured warm-up and length: earlier steps are
+    ignored, and it freezes at ``last`` (or at the first step past it) however many values it
+    holds. Not thread-safe: one monitor belongs to one consumer.
     """
 
-    def __init__(self, name: str, config: DriftConfig, reference: Counts | None = None) -> None:
+    def __init__(self, name: str, config: DriftConfig, reference: Counts | None = None, *,
+                 reference_steps: tuple[int, int] | None = None) -> None:
+        if reference_steps is not None and not 0 <= reference_steps[0] <= reference_steps[1]:
+            raise ValueError(f"drift monitor {name!r}: reference steps must be 0 <= first <= last, "
+                             f"got {reference_steps}")
         self.name = name
         self.config = config
+        self.reference_steps = reference_steps
         self._first_seen: int | None = None
         self._ref_acc = np.zeros(config.fine + 2, dtype=np.float64)
         self._ref_first: int | None = None
         self._ref_last: int | None = None
         self._reference: Reference | None = None
-        self._window: np.ndarray | None = None
-        self._win_first: int | None = None
-        self._win_last: int | None = None
-        self._history: deque[Tier] = deque(maxlen=config.debounce_m)
-        self._state = Tier.OK
+        self._open: _Open | None = None
+        self._shards: OrderedDict[int, _Open] = OrderedDict()
         if reference is not None:
             self.freeze_reference(reference)
 
@@ -452,7 +496,12 @@ class DriftMonitor:
     @property
     def state(self) -> Tier:
         """The debounced tier after the last completed window."""
-        return self._state
+        return self._open.state if self._open is not None else Tier.OK
+
+    @property
+    def last_result(self) -> DriftResult | None:
+        """The last completed window's result (None before the first)."""
+        return self._open.result if self._open is not None else None
 
     def coarse_edges(self) -> np.ndarray | None:
         """The frozen coarse edges in value units (``-inf`` .. ``inf``), or None before freezing."""
@@ -460,27 +509,42 @@ class DriftMonitor:
             return None
         return self._reference.bins.edges(self.config.lo, self.config.hi)
 
+    def seed_reference(self, fine_counts: Counts, first_step: int, last_step: int) -> None:
+        """Add counts gathered elsewhere (the store's rows of steps this monitor has not seen,
+        e.g. before a daemon restart) to the reference being learned."""
+        if self._reference is not None:
+            raise ValueError(f"drift monitor {self.name!r}: the reference is already frozen")
+        self._ref_acc += self._check(fine_counts)
+        self._ref_first = first_step if self._ref_first is None else min(self._ref_first, first_step)
+        self._ref_last = last_step if self._ref_last is None else max(self._ref_last, last_step)
+
     def freeze_reference(
         self, fine_counts: Counts | None = None, *, first_step: int | None = None,
-        last_step: int | None = None,
+        last_step: int | None = None, bins: CoarseBins | None = None,
     ) -> Reference:
         """Freeze the reference: the given fine counts, or else what has accumulated so far.
+        ``bins``: coarse bins frozen before (a reference restored from the store keeps its own
+        edges even when the ``bins`` setting changed since); default: chosen from the counts.
 
-        Freezing again replaces the reference and starts a fresh window and debounce history.
+        Freezing again replaces the reference and starts fresh windows and debounce histories.
         """
         if fine_counts is None:
             counts, first_step, last_step = self._ref_acc.copy(), self._ref_first, self._ref_last
         else:
             counts = self._check(fine_counts).astype(np.float64)
         if counts.sum() <= 0:
-            raise ValueError(f"drift monitor {self.name!r}: the reference holds no values")
-        bins = freeze_coarse_bins(counts, self.config.bins, split_empty_tails=self.config.split_empty_tails)
+            where = "" if first_step is None else f" (steps {first_step}-{last_step})"
+            raise ValueError(f"drift monitor {self.name!r}: the reference holds no values{where}")
+        if bins is None:
+            bins = freeze_coarse_bins(counts, self.config.bins,
+                                      split_empty_tails=self.config.split_empty_tails)
+        elif bins.fine != self.config.fine:
+            raise ValueError(f"drift monitor {self.name!r}: coarse bins of a {bins.fine}-bin grid do not fit "
+                             f"its {self.config.fine}-bin grid")
         self._reference = Reference(fine_counts=counts, bins=bins, counts=bins.coarsen(counts),
                                     first_step=first_step, last_step=last_step)
-        self._window = np.zeros(bins.n_bins, dtype=np.float64)
-        self._win_first = self._win_last = None
-        self._history.clear()
-        self._state = Tier.OK
+        self._open = _Open(bins.n_bins, self.config.debounce_m)
+        self._shards.clear()
         return self._reference
 
     def add(self, step: int, fine_counts: Counts) -> list[DriftResult]:
@@ -488,6 +552,20 @@ class DriftMonitor:
         counts = self._check(fine_counts)
         cfg = self.config
         if self._reference is None:
+            if self.reference_steps is not None:
+                first, last = self.reference_steps
+                if step < first:
+                    return []
+                if step <= last:
+                    self.seed_reference(counts, step, step)
+                    if step == last:
+                        self.freeze_reference()
+                    return []
+                if self._ref_acc.sum() <= 0:
+                    raise ValueError(f"drift monitor {self.name!r}: no values in its reference steps "
+                                     f"{first}-{last} (histograms arrive every histogram_every steps)")
+                self.freeze_reference()
+                return self._accumulate(self._open, step, counts, cfg.window_values)  # type: ignore[arg-type]
             if self._first_seen is None:
                 self._first_seen = step
             offset = step - self._first_seen
@@ -496,34 +574,70 @@ class DriftMonitor:
             end = cfg.warmup_steps + cfg.reference_steps
             enough = self._ref_acc.sum() >= cfg.min_reference_values
             if offset < end or not enough:
-                self._ref_acc += counts
-                self._ref_first = step if self._ref_first is None else self._ref_first
-                self._ref_last = step
+                self.seed_reference(counts, step, step)
                 if offset >= end - 1 and self._ref_acc.sum() >= cfg.min_reference_values:
                     self.freeze_reference()
                 return []
             # Steps jumped past the reference range with enough values: this step starts monitoring.
             self.freeze_reference()
-        return self._accumulate(step, counts)
+        assert self._open is not None
+        return self._accumulate(self._open, step, counts, cfg.window_values)
 
-    def _accumulate(self, step: int, counts: np.ndarray) -> list[DriftResult]:
-        assert self._reference is not None and self._window is not None
-        self._window += self._reference.bins.coarsen(counts)
-        if self._win_first is None:
-            self._win_first = step
-        self._win_last = step
-        if self._window.sum() < self.config.window_values:
+    def add_shard(self, shard: int, step: int, fine_counts: Counts) -> list[DriftResult]:
+        """Take one step's fine counts of data shard ``shard``: each shard fills windows of its
+        own (``shard_window_values``) that are judged against this monitor's reference and
+        debounced per shard. Nothing is judged before the reference is frozen. At most
+        ``MAX_SHARDS`` shards are followed; the one fed least recently is forgotten first."""
+        counts = self._check(fine_counts)
+        if self._reference is None:
             return []
-        result = self._evaluate()
-        self._window = np.zeros_like(self._window)
-        self._win_first = self._win_last = None
+        w = self._shards.get(shard)
+        if w is None:
+            if len(self._shards) >= MAX_SHARDS:
+                self._shards.popitem(last=False)
+            w = self._shards[shard] = _Open(self._reference.bins.n_bins, self.config.debounce_m)
+        else:
+            self._shards.move_to_end(shard)
+        return self._accumulate(w, step, counts, self.config.shard_window_values,
+                                f"{self.name}@shard{shard}")
+
+    def worst_shard(self, step: int) -> tuple[int, DriftResult] | None:
+        """The shard fed within ``SHARD_ACTIVE_STEPS`` of ``step`` whose debounced state is the
+        highest (then whose last window's PSI is), with that window's result; None when no such
+        shard has completed a window."""
+        best: tuple[int, DriftResult] | None = None
+        for shard, w in self._shards.items():
+            r = w.result
+            if r is None or w.last_fed < step - SHARD_ACTIVE_STEPS:
+                continue
+            if best is None or (w.state, r.psi) > (best[1].state, best[1].psi):
+                best = (shard, replace(r, state=w.state))
+        return best
+
+    @property
+    def shards_followed(self) -> int:
+        return len(self._shards)
+
+    def _accumulate(self, w: _Open, step: int, counts: np.ndarray, size: int,
+                    name: str | None = None) -> list[DriftResult]:
+        assert self._reference is not None
+        w.counts += self._reference.bins.coarsen(counts)
+        w.last_fed = step
+        if w.first is None:
+            w.first = step
+        w.last = step
+        if w.counts.sum() < size:
+            return []
+        result = self._evaluate(w, name or self.name)
+        w.counts = np.zeros_like(w.counts)
+        w.first = w.last = None
         return [result]
 
-    def _evaluate(self) -> DriftResult:
-        assert self._reference is not None and self._window is not None
-        assert self._win_first is not None and self._win_last is not None
+    def _evaluate(self, w: _Open, name: str) -> DriftResult:
+        assert self._reference is not None
+        assert w.first is not None and w.last is not None
         cfg = self.config
-        ref, win = self._reference.counts, self._window
+        ref, win = self._reference.counts, w.counts
         n, m = float(win.sum()), float(ref.sum())
         p, q = _smooth(ref, win, m, n, cfg.pseudocount)
         value = float(np.sum((q - p) * np.log(q / p)))
@@ -536,20 +650,21 @@ class DriftMonitor:
             warn_floor=cfg.warn_floor, critical_floor=cfg.critical_floor,
         )
         tier = Tier.CRITICAL if value >= critical else Tier.WARNING if value >= warn else Tier.OK
-        self._history.append(tier)
+        w.history.append(tier)
         state = Tier.OK
         for level in (Tier.CRITICAL, Tier.WARNING):
-            if sum(t >= level for t in self._history) >= cfg.debounce_k:
+            if sum(t >= level for t in w.history) >= cfg.debounce_k:
                 state = level
                 break
-        changed = state != self._state
-        self._state = state
-        return DriftResult(
-            monitor=self.name, first_step=self._win_first, last_step=self._win_last, n=round(n), m=round(m),
-            bins_used=bins_used, psi=value, js_distance=float(jensenshannon(ref, win, base=2)),
+        changed = state != w.state
+        w.state = state
+        w.result = DriftResult(
+            monitor=name, first_step=w.first, last_step=w.last, n=round(n), m=round(m),
+            bins_used=bins_used, psi=value, js_distance=_js(ref, win),
             warn_threshold=warn, critical_threshold=critical, tier=tier, state=state, changed=changed,
             counts=win.copy(),
         )
+        return w.result
 
     def _check(self, fine_counts: Counts) -> np.ndarray:
         counts = np.asarray(fine_counts)

@@ -53,6 +53,7 @@ SUB_LABELS = {
     "drift_js": "monitor",
     "drift_warn_threshold": "monitor",
     "drift_state": "monitor",
+    "drift_shard": "monitor",
 }
 
 #: HELP text for the keys the hook sends by default; other keys get a generic one.
@@ -154,6 +155,24 @@ class DaemonMetrics:
             ["kind"], registry=registry,
         )
         self.rules_loaded = Gauge("runwatch_rules_loaded", "Rules in force.", registry=registry)
+        self.history_rows = Counter(
+            "runwatch_history_rows",
+            "Metric-history rows by what retention did: rolled (into 1m/1h), pruned_raw, pruned_rollup.",
+            ["action"], registry=registry,
+        )
+        for action in ("rolled", "pruned_raw", "pruned_rollup"):
+            self.history_rows.labels(action)
+        self.history_backlog = Gauge(
+            "runwatch_history_backlog_rows", "Stored steps not yet rolled up.", registry=registry)
+        self.store_bytes = Gauge(
+            "runwatch_store_bytes", "Size of the store: file (on disk) and free (pages SQLite will reuse).",
+            ["kind"], registry=registry,
+        )
+        self.store_full = Gauge(
+            "runwatch_store_full",
+            "1 while the store's disk is full: history is paused (hooks keep and resend), alerts go on.",
+            registry=registry,
+        )
         self.notifications = Counter(
             "runwatch_notifications",
             "Delivery attempts by receiver and result (sent, retry, failed: given up).",

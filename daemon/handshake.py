@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from runwatch.daemon.protocol import PROTOCOL_VERSION, RUN_NAME, ProtocolError, decode_json
+from runwatch.daemon.protocol import CAPABILITIES, PROTOCOL_VERSION, RUN_NAME, ProtocolError, decode_json
 
 
 class Hello(BaseModel):
@@ -25,6 +25,10 @@ class Hello(BaseModel):
     # Where the run keeps checkpoints and reads data: for listings, manifests and retention.
     checkpoint_dir: str | None = Field(default=None, max_length=4096)
     data_dir: str | None = Field(default=None, max_length=4096)
+    # Optional parts of the protocol this hook speaks (protocol.CAPABILITIES); absent: none.
+    capabilities: list[str] = Field(default_factory=list, max_length=32)
+    # Shared by every rank of one launch of the run, new on the next launch (or absent).
+    launch: str | None = Field(default=None, min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")
 
     @field_validator("run")
     @classmethod
@@ -35,6 +39,19 @@ class Hello(BaseModel):
                 "starting with a letter or digit"
             )
         return value
+
+    @field_validator("capabilities")
+    @classmethod
+    def _capability_names(cls, value: list[str]) -> list[str]:
+        # Unknown names are allowed (a newer hook) and ignored; only their shape is checked.
+        for name in value:
+            if not 1 <= len(name) <= 64:
+                raise ValueError("each capability is a name of 1-64 characters")
+        return value
+
+    def granted(self) -> frozenset[str]:
+        """The capabilities both ends speak: what this connection uses."""
+        return frozenset(self.capabilities) & frozenset(CAPABILITIES)
 
 
 def decode_hello(payload: bytes) -> Hello:

@@ -9,7 +9,9 @@ buffering without end.
 
 Control: EVENT frames from a hook go to the playbook on the writer thread and are ACKed
 once stored; COMMAND frames go out to every connected rank of a run that has not
-acknowledged them, when the playbook makes one and when a rank connects.
+acknowledged them, when the playbook makes one and when a rank connects, but only to hooks
+whose HELLO offered the ``commands`` capability (an older hook would loop on them). The
+WELCOME names the capabilities the connection uses, and the log says when control is off.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class Connection:
     stream: StreamInfo | None = None
     closed: bool = False
     name: str = field(default="")
+    capabilities: frozenset[str] = frozenset()
 
     acks: list[bytes] = field(default_factory=list)
 
@@ -183,6 +186,8 @@ class Ingest:
                        only: Connection | None) -> None:
         for conn in [only] if only is not None else list(self._hooks.get(run, ())):
             assert conn.stream is not None
+            if "commands" not in conn.capabilities:
+                continue  # an older hook: it would drop the connection on the unknown frame kind
             for command, acked in commands:
                 if conn.stream.rank not in acked:
                     conn.send(protocol.json_frame(Kind.COMMAND, command))
@@ -332,15 +337,29 @@ class Ingest:
         playbook = self._playbook
         conn.stream = stream
         conn.name = f"{run}/rank {rank}"
+        conn.capabilities = hello.granted()
         self._live.add_stream(stream)
         self._live.connected(stream.id, +1)
-        conn.send(protocol.json_frame(Kind.WELCOME, self._welcome(stream=stream.id)))
-        log.info("hook connected: run %s rank %d/%d pid %d uid %d host %s",
-                 run, rank, hello.world_size, conn.peer.pid, uid, hello.host)
+        conn.send(protocol.json_frame(Kind.WELCOME, self._welcome(
+            stream=stream.id, capabilities=sorted(conn.capabilities))))
+        log.info("hook connected: run %s rank %d/%d pid %d uid %d host %s launch %s capabilities %s",
+                 run, rank, hello.world_size, conn.peer.pid, uid, hello.host, hello.launch or "-",
+                 ",".join(sorted(conn.capabilities)) or "none")
+        if "commands" not in conn.capabilities:
+            log.warning("run %s rank %d: hook %s offered no 'commands' capability (older than the control"
+                        " channel): it is watched and alerted on, but sent no commands",
+                        run, rank, hello.hook_version or "of unknown version")
         self._hooks.setdefault(run, set()).add(conn)
         if playbook is not None:
-            pending = await asyncio.wrap_future(self._writer.call(
-                lambda _: playbook.connected(stream, hello.checkpoint_dir, hello.data_dir)))
+            writer, caps = self._writer, conn.capabilities
+
+            def connected(_: Any) -> list[tuple[dict[str, Any], set[int]]]:
+                pending, events = playbook.connected(stream, hello.checkpoint_dir, hello.data_dir,
+                                                     hello.launch, caps)
+                writer.record(events)  # a relaunch resolves the old launch's escalation
+                return pending
+
+            pending = await asyncio.wrap_future(writer.call(connected))
             self._send_commands(run, pending, conn)
         body_timeout = self._settings().handshake_timeout_seconds
         while True:

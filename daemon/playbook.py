@@ -14,6 +14,23 @@ acknowledged it (again on every reconnect, so a daemon restart loses none); the 
 each ``(origin, id)`` once, at a step boundary agreed by all ranks, and acknowledges it.
 
 What happens when a rule fires is one readable table, :func:`decide`, with a named reason.
+
+A command counts as applied only when every rank applied it: the ranks agree on each
+command's outcome over their gloo control group and each reports its own answer plus the
+agreed one; on any rank's failure every rank stays paused (see ``runwatch.hooks.control``).
+
+Ownership (multi-node): the daemon that global rank 0 of the run's current launch is
+connected to runs the run's playbook and takes people's commands; a command it sends
+reaches every rank, on every node, through the ranks' agreement. The other nodes' daemons
+still judge their ranks and alert, dump stacks for their own ranks' stalls, and follow the
+run's state from what their ranks report (paused, resumed, rewound), but open no incident,
+pause nothing and escalate nothing for it.
+
+Launches: a hook names its launch (an id every rank of one start of the run shares). A new
+launch under a known run name starts running, never inheriting ``paused``: the processes the
+old incident paused are gone. The open incident gets a ``relaunched`` entry and is closed
+(its escalation alert resolved, saying so), unapplied commands for the old processes are
+superseded, and the new launch gets a fresh playbook. See :meth:`Playbook._relaunched`.
 """
 
 from __future__ import annotations
@@ -24,6 +41,7 @@ import math
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -48,6 +66,11 @@ PHASE_MAX_SECONDS = 2 * 3600.0
 STACKS_EVERY_SECONDS = 300.0
 #: Unapplied commands older than this are not pushed to a run that connects later.
 COMMAND_TTL_SECONDS = 24 * 3600.0
+#: Commands that change a run's training state: when one fails on any rank, every rank stays
+#: paused (a failed batch dump changes nothing, so training may go on after it).
+STATEFUL = frozenset({"pause", "resume", "rewind", "skip_shard"})
+#: What a daemon that does not own a run's interventions still does for its own ranks.
+NODE_LOCAL = frozenset({"dump_stacks"})
 
 
 class Reason(StrEnum):
@@ -165,7 +188,10 @@ class Playbook:
         # Ranks of a run connected to this daemon: a stack dump is diagnosed once they answered
         # (on a multi-node job this node's ranks; the other nodes' daemons diagnose theirs).
         self.connected_ranks = connected_ranks
-        self.origin = socket.gethostname()
+        # Unique per store, not only per host: two daemons on one host (or hosts with one name)
+        # must not take each other's command ids for their own.
+        self.origin = _origin(self.conn)
+        self._told_not_owner: set[str] = set()
         self.escalations: dict[str, Event] = {}
         #: Runs paused now; read by the service's clock (replaced whole, never mutated).
         self.paused_runs: frozenset[str] = frozenset(
@@ -189,10 +215,13 @@ class Playbook:
         return Incident(*row) if row else None
 
     def pending(self, run: str) -> list[tuple[dict[str, Any], set[int]]]:
-        """Commands of ``run`` still to push, each with the ranks that acknowledged it."""
+        """Commands of ``run``'s current launch still to push, each with the ranks that
+        acknowledged it (a command made before the launch began was for processes now gone)."""
+        launch = self.launch(run)
+        since = max(self.clock() - COMMAND_TTL_SECONDS, launch[1] if launch else 0.0)
         rows = self.conn.execute(
             "SELECT id, action, args, incident_id, created FROM commands WHERE run = ? AND created >= ?"
-            " ORDER BY id", (run, self.clock() - COMMAND_TTL_SECONDS)).fetchall()
+            " AND state != 'superseded' ORDER BY id", (run, since)).fetchall()
         acks: dict[int, set[int]] = {}
         if rows:
             for cid, rank in self.conn.execute(
@@ -202,14 +231,81 @@ class Playbook:
                   "incident": incident, "created": created}, acks.get(cid, set()))
                 for cid, action, args, incident, created in rows]
 
-    def connected(self, stream: StreamInfo, checkpoint_dir: str | None,
-                  data_dir: str | None) -> list[tuple[dict[str, Any], set[int]]]:
-        """A rank connected: note its folders; returns the commands to push to it."""
+    def connected(self, stream: StreamInfo, checkpoint_dir: str | None, data_dir: str | None,
+                  launch: str | None = None, capabilities: frozenset[str] = frozenset({"commands"}),
+                  ) -> tuple[list[tuple[dict[str, Any], set[int]]], list[Event]]:
+        """A rank connected: note its folders and launch. Returns the commands to push to it
+        (none when its hook cannot take them) and alerts to record (a relaunch resolves an
+        escalation)."""
         with self.conn:
             self._run_control(stream.run)
             if checkpoint_dir or data_dir:
                 self._run_control(stream.run, checkpoint_dir=checkpoint_dir, data_dir=data_dir)
-        return self.pending(stream.run)
+            events = self._launch(stream, launch or "", capabilities)
+        return (self.pending(stream.run) if "commands" in capabilities else []), events
+
+    def launch(self, run: str) -> tuple[str, float, bool, frozenset[str]] | None:
+        """The run's current launch: (id, first connected, rank 0 connected here, capabilities)."""
+        row = self.conn.execute("SELECT launch, started, rank0_here, capabilities FROM run_launches"
+                                " WHERE run = ? ORDER BY started DESC LIMIT 1", (run,)).fetchone()
+        if row is None:
+            return None
+        return row[0], float(row[1]), bool(row[2]), frozenset(filter(None, row[3].split(",")))
+
+    def owns(self, run: str) -> bool:
+        """Whether this daemon runs ``run``'s playbook: global rank 0 of its current launch is
+        connected here (a run no hook has connected for since this was recorded: yes)."""
+        launch = self.launch(run)
+        return launch is None or launch[2]
+
+    def _launch(self, stream: StreamInfo, launch: str, capabilities: frozenset[str]) -> list[Event]:
+        run, caps = stream.run, ",".join(sorted(capabilities))
+        current = self.launch(run)
+        rank0 = int(stream.rank == 0)
+        if current is not None and launch == current[0]:
+            if rank0 or current[3] != capabilities:
+                self.conn.execute("UPDATE run_launches SET rank0_here = MAX(rank0_here, ?), capabilities = ?"
+                                  " WHERE run = ? AND launch = ?", (rank0, caps, run, launch))
+            return []
+        if current is not None and (not launch or self.conn.execute(
+                "SELECT 1 FROM run_launches WHERE run = ? AND launch = ?", (run, launch)).fetchone()):
+            # A rank of an earlier launch (still alive, reconnecting) or a hook that names no
+            # launch: it cannot be told apart from the current one, so nothing changes.
+            log.warning("run %s: rank %d connected with launch %r, not the current launch %r; the run's "
+                        "state is left as it is", run, stream.rank, launch, current[0])
+            return []
+        self.conn.execute("INSERT INTO run_launches (run, launch, started, rank0_here, world_size,"
+                          " capabilities) VALUES (?, ?, ?, ?, ?, ?)",
+                          (run, launch, self.clock(), rank0, stream.world_size, caps))
+        if current is None:
+            return []
+        return self._relaunched(stream, current[0], launch)
+
+    def _relaunched(self, stream: StreamInfo, old: str, new: str) -> list[Event]:
+        """A new launch of a run this daemon knew: it runs (its processes were never paused);
+        the open incident is closed with a ``relaunched`` entry, commands not yet applied by
+        the old processes are superseded, and an escalation is resolved, saying why."""
+        run, now = stream.run, self.clock()
+        superseded = self.conn.execute(
+            "UPDATE commands SET state = 'superseded', updated = ? WHERE run = ? AND state = 'pending'",
+            (now, run)).rowcount
+        before = self.conn.execute("SELECT state FROM run_control WHERE run = ?", (run,)).fetchone()
+        self._run_control(run, state="running", step=None)
+        self.phases = {k: v for k, v in self.phases.items() if k[0] != run}
+        text = (f"relaunched: launch {new!r} connected (rank {stream.rank} on {stream.host or '?'}); the"
+                f" processes of launch {old!r} are gone. The new launch runs"
+                + (" (the old one was paused; a new launch is not held)" if before and before[0] == "paused"
+                   else "")
+                + (f"; {superseded} command(s) the old processes never applied are superseded" if superseded
+                   else ""))
+        incident = self.open_incident(run)
+        if incident is not None:
+            self._timeline(incident.id, "relaunched", text + f"; incident closed in state {incident.state}"
+                           " (its playbook does not carry over to the new launch)",
+                           launch=new, previous=old, state=incident.state)
+            self._set_incident(incident.id, state="resolved")
+        log.warning("run %s %s", run, text)
+        return self._end_escalation(run, f"relaunched as launch {new!r}")
 
     def restore(self, open_alerts: list[Event]) -> None:
         """Take over escalations a previous daemon left firing."""
@@ -294,6 +390,14 @@ class Playbook:
                 actions = set(e.actions) & INTERVENTIONS
                 if e.state != "firing" or not actions or e.rule == ESCALATION_RULE:
                     continue
+                if not self.owns(e.run):
+                    actions &= NODE_LOCAL  # the owner's daemon pauses, rewinds and escalates
+                    self._not_owner(e.run, e.rule)
+                    if not actions:
+                        continue
+                elif not self._controllable(e.run):
+                    out += self._uncontrolled(e, actions)
+                    continue
                 out += self._act(e, actions)
         if out or events:
             self._push_touched({e.run for e in events})
@@ -347,6 +451,43 @@ class Playbook:
             return []
         text = (reason if decision.reason is not Reason.ALREADY_HANDLING
                 else "the run is paused and needs a person")
+        return [self._escalation(e, incident.id, text)]
+
+    def _not_owner(self, run: str, rule: str) -> None:
+        if run not in self._told_not_owner:
+            self._told_not_owner.add(run)
+            log.info("run %s: %s fired here, but global rank 0 is connected to another node's daemon,"
+                     " which runs this run's playbook; alerting only", run, rule)
+
+    def _controllable(self, run: str) -> bool:
+        launch = self.launch(run)
+        if launch is None or "commands" in launch[3]:
+            return True
+        if run not in self._told_not_owner:
+            self._told_not_owner.add(run)
+            log.warning("run %s: its hooks take no commands (written before the control channel); "
+                        "no pause or rewind: a fault that needs one is escalated to a person", run)
+        return False
+
+    def _uncontrolled(self, e: Event, actions: set[str]) -> list[Event]:
+        """A fault that wants a run stopped, on a run whose hooks take no commands: nothing can
+        pause it, so it goes to a person at once (once per incident)."""
+        if not actions & {"pause", "rewind", "escalate"}:
+            return []
+        incident = self.open_incident(e.run)
+        if incident is not None and incident.state == "escalated":
+            return []
+        if incident is None:
+            incident = self._open(e.run, e.rule, e.rank, e.metric, e.step, e.summary)
+        self._timeline(incident.id, "alert", f"{e.rule} fired on rank {e.rank} at step {e.step}: {e.summary}",
+                       rule=e.rule, rank=e.rank, step=e.step, metric=e.metric)
+        text = (f"the run's hooks take no commands (runwatch older than the control channel): it cannot be"
+                f" paused or rewound ({', '.join(sorted(actions))} wanted); a person must stop it")
+        self._timeline(incident.id, "decision", text, commands=[], state="escalated")
+        self._set_incident(incident.id, state="escalated")
+        self.conn.execute("UPDATE decisions SET status = ? WHERE rule = ? AND run = ? AND rank = ?"
+                          " AND step = ? AND status = 'pending'",
+                          (f"incident {incident.id}", e.rule, e.run, e.rank, e.step))
         return [self._escalation(e, incident.id, text)]
 
     def _asked_for_stacks(self, incident_id: int) -> bool:
@@ -462,11 +603,15 @@ class Playbook:
             self.phases = {k: v for k, v in self.phases.items() if k[0] != stream.run}
 
     def _applied(self, stream: StreamInfo, e: dict[str, Any]) -> list[Event]:
+        """A rank's answer to a command. Every answer is kept (``command_acks``) and a failure
+        goes into the timeline as it arrives; the command's own state is set once its outcome
+        on all ranks is known: from the outcome the ranks agreed on (every answer carries it), or
+        from every rank's answer where they could not agree (no gloo group)."""
         if e.get("origin") != self.origin:
-            return []  # another node's daemon sent it (ranks agree on commands across nodes)
-        cid, state, step = int(e["id"]), str(e.get("state")), e.get("step")
+            return self._followed(stream, e)  # the daemon owning the run sent it (another node's)
+        cid, own, step = int(e["id"]), str(e.get("state")), e.get("step")
         result = e.get("result") or {}
-        if state != "applied":
+        if own != "applied":
             result = {**result, "detail": str(e.get("detail") or "no detail")}
         row = self.conn.execute("SELECT action, state, incident_id, run FROM commands WHERE id = ?",
                                 (cid,)).fetchone()
@@ -475,28 +620,42 @@ class Playbook:
         action, before, incident_id, run = row
         self.conn.execute(
             "INSERT OR REPLACE INTO command_acks (command_id, rank, step, state, result, time)"
-            " VALUES (?, ?, ?, ?, ?, ?)", (cid, stream.rank, step, state, json.dumps(result), self.clock()))
+            " VALUES (?, ?, ?, ?, ?, ?)", (cid, stream.rank, step, own, json.dumps(result), self.clock()))
         if action == "dump_stacks":
-            self._stacks_answer(stream, cid, incident_id, state, result)
+            self._stacks_answer(stream, cid, incident_id, own, result)
+        elif own != "applied" and incident_id is not None:
+            self._timeline(incident_id, "failed", f"{action} failed on rank {stream.rank}: "
+                           f"{result['detail']}", command=cid, step=step, rank=stream.rank)
         if before != "pending":
-            return []  # the first rank's answer tells the story; the others are in command_acks
+            return []
+        state, failed, size = self._outcome(stream, cid, action, own, e)
+        if state is None:
+            return []  # waiting for the other ranks' answers
+        if state != "applied" and own == "applied":
+            result = {**result, "detail": f"failed on rank(s) {', '.join(map(str, failed))} (rank"
+                                          f" {stream.rank} applied it; every rank's answer is kept)"}
         self.conn.execute("UPDATE commands SET state = ?, step = ?, result = ?, updated = ? WHERE id = ?",
                           (state, step, json.dumps(result), self.clock(), cid))
-        where = f"rank {stream.rank}"
         out: list[Event] = []
         if state != "applied":
-            detail = e.get("detail") or "no detail"
+            text = f"{action} failed on rank(s) {', '.join(map(str, failed))} of {size}"
+            if action in STATEFUL:
+                self._run_control(run, state="paused", step=step)
+                text += "; every rank stays paused"
+                if action == "rewind" and len(failed) < size:
+                    text += ("; the ranks that applied it now hold the checkpoint's state and the others"
+                             " do not, so they refuse to resume until a rewind succeeds on every rank")
             if incident_id is not None:
-                self._timeline(incident_id, "failed", f"{action} failed on {where}: {detail}",
-                               command=cid, step=step)
+                self._timeline(incident_id, "outcome", text, command=cid, step=step, failed_ranks=failed)
             if action == "rewind" and incident_id is not None:
                 self._set_incident(incident_id, state="escalated")
                 fake = self._synthetic(run, stream.rank, step)
-                out.append(self._escalation(fake, incident_id, f"rewind failed: {detail}"))
+                out.append(self._escalation(fake, incident_id, f"rewind failed: {text}"))
             return out
+        where = "every rank (the run has one)" if size == 1 else f"every rank (all {size} agreed)"
         if action == "pause":
             self._run_control(run, state="paused", step=step)
-            text = f"paused before step {step} on every rank (first to answer: {where})"
+            text = f"paused before step {step} on {where}"
         elif action == "resume":
             self._run_control(run, state="running", step=step)
             text = f"resumed at step {step}"
@@ -529,6 +688,46 @@ class Playbook:
         if incident_id is not None:
             self._timeline(incident_id, "applied", text, command=cid, step=step, result=result)
         return out
+
+    def _outcome(self, stream: StreamInfo, cid: int, action: str, own: str,
+                 e: dict[str, Any]) -> tuple[str | None, list[int], int]:
+        """(applied | failed | None while unknown, the ranks that failed, how many ranks)."""
+        agreed = e.get("all_ranks")
+        if isinstance(agreed, dict):
+            failed = sorted(int(r) for r in agreed.get("failed", []))
+            return ("failed" if failed else "applied"), failed, int(agreed.get("size", stream.world_size))
+        size = stream.world_size
+        if action == "dump_stacks" or size == 1:
+            # Stacks are dumped by each rank on its own (no agreement): the first answer stands.
+            return own, ([] if own == "applied" else [stream.rank]), size
+        answers = dict(self.conn.execute("SELECT rank, state FROM command_acks WHERE command_id = ?", (cid,)))
+        failed = sorted(r for r, st in answers.items() if st != "applied")
+        if failed:
+            return "failed", failed, size
+        return ("applied" if len(answers) >= size else None), [], size
+
+    def _followed(self, stream: StreamInfo, e: dict[str, Any]) -> list[Event]:
+        """A rank of this node applied a command of the daemon that owns its run: follow the
+        run's state (so this node's stall rules hold while it is paused), act on nothing."""
+        action, step, result = str(e.get("action")), e.get("step"), e.get("result") or {}
+        agreed = e.get("all_ranks")
+        ok = not agreed.get("failed") if isinstance(agreed, dict) else e.get("state") == "applied"
+        with_step = {"step": step} if isinstance(step, int) else {}
+        if not ok:
+            if action in STATEFUL:
+                self._run_control(stream.run, state="paused", **with_step)
+        elif action == "pause":
+            self._run_control(stream.run, state="paused", **with_step)
+        elif action == "resume":
+            self._run_control(stream.run, state="running", **with_step)
+        elif action == "rewind":
+            self._run_control(stream.run, state="running" if result.get("resumed") else "paused",
+                              lr_scale=float(result.get("lr_scale", 1.0)), **with_step)
+        else:
+            return []
+        log.info("run %s rank %d: %s from %s %s before step %s", stream.run, stream.rank, action,
+                 e.get("origin"), "applied" if ok else "failed", step)
+        return []
 
     def _stacks_answer(self, stream: StreamInfo, cid: int, incident_id: int | None, state: str,
                        result: dict[str, Any]) -> None:
@@ -581,6 +780,13 @@ class Playbook:
         if action not in ACTIONS:
             raise ControlRefused(f"unknown action {action!r}; known: {', '.join(ACTIONS)}")
         self.check_owner(run, uid, action)
+        launch = self.launch(run)
+        if launch is not None and not launch[2]:
+            raise ControlRefused(f"run {run!r}: global rank 0 is connected to another node's daemon, which"
+                                 " owns its interventions; send the command there (it reaches every rank)")
+        if launch is not None and "commands" not in launch[3]:
+            raise ControlRefused(f"run {run!r}: its hooks take no commands (a runwatch hook older than the"
+                                 " control channel); upgrade runwatch where it trains to control it")
         clean = self._validate(run, action, args)
         with self.conn:
             incident = self.open_incident(run)
@@ -679,6 +885,28 @@ def _check_event(event: dict[str, Any]) -> None:
         raise ValueError(f"saved_at: a finite number, not {saved_at!r}")
     if not isinstance(event.get("result", {}), dict):
         raise ValueError("result: an object")
+    agreed = event.get("all_ranks")
+    if agreed is not None:
+        failed, size = (agreed.get("failed"), agreed.get("size")) if isinstance(agreed, dict) \
+            else (None, None)
+        if not (isinstance(failed, list) and all(isinstance(r, int) and 0 <= r < 1 << 24 for r in failed)
+                and isinstance(size, int) and 1 <= size <= 1 << 24):
+            raise ValueError("all_ranks: {failed: [rank, ...], size: world size}")
+
+
+def _origin(conn: Any) -> str:
+    """This daemon's name in the commands it sends: host and an id kept in the store. A store
+    that sent commands before the id existed keeps the bare host name, so the answers to
+    those commands still match."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'daemon_id'").fetchone()
+    if row is None:
+        legacy = conn.execute("SELECT 1 FROM commands LIMIT 1").fetchone() is not None
+        with conn:
+            conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('daemon_id', ?)",
+                         ("" if legacy else uuid.uuid4().hex[:12],))
+        row = conn.execute("SELECT value FROM meta WHERE key = 'daemon_id'").fetchone()
+    host = socket.gethostname()
+    return f"{host}/{row[0]}" if row[0] else host
 
 
 # -- reads for the CLI (any thread, own connection) -------------------------------------------
@@ -719,8 +947,11 @@ def command(conn: Any, command_id: int) -> dict[str, Any] | None:
     if row is None:
         return None
     cid, run, action, args, state, step, result, by = row
-    acks = [{"rank": r, "state": s, "step": st} for r, s, st in conn.execute(
-        "SELECT rank, state, step FROM command_acks WHERE command_id = ? ORDER BY rank", (cid,))]
+    acks = [{"rank": r, "state": s, "step": st,
+             **({"detail": json.loads(res or "{}").get("detail")} if s != "applied" else {})}
+            for r, s, st, res in conn.execute(
+                "SELECT rank, state, step, result FROM command_acks WHERE command_id = ? ORDER BY rank",
+                (cid,))]
     return {"id": cid, "run": run, "action": action, "args": json.loads(args), "state": state, "step": step,
             "result": json.loads(result) if result else None, "created_by": by, "acks": acks}
 

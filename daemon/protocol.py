@@ -16,6 +16,18 @@ sends EVENT frames (``u64 seq | JSON``: a checkpoint saved, a command applied, a
 while paused), ACKed by ``seq`` like SAMPLES once stored, and spooled like them while the
 daemon is away.
 
+Capabilities. COMMAND and EVENT came after the first hooks and daemons of version 1, so
+both ends say what they speak instead of bumping the version (which would cut old hooks off
+from monitoring altogether). A hook's HELLO lists ``capabilities`` (:data:`CAPABILITIES`:
+``commands``, it applies COMMAND frames; ``events``, it sends EVENT frames); the WELCOME
+answers with the ones this connection will use (the intersection; names either end does
+not know are ignored). A hook that lists none (written before this negotiation) is never
+sent a COMMAND frame: it would drop the connection on the unknown kind and reconnect to
+the same frame forever. A daemon whose WELCOME lists none is never sent an EVENT frame for
+the same reason. A HELLO may also carry ``launch``: an id that every rank of one launch of
+the run shares and the next launch does not (see ``runwatch.hooks.watch``), so a relaunch
+under the same run name is told apart from a reconnect.
+
 A SAMPLES payload carries many steps and metrics at once, as dense blocks::
 
     u64 seq | u16 n_blocks | block*
@@ -50,6 +62,8 @@ from typing import Any
 import numpy as np
 
 PROTOCOL_VERSION = 1
+#: Optional parts of version 1 that the two ends negotiate in HELLO / WELCOME.
+CAPABILITIES = ("commands", "events")
 HEADER = struct.Struct("<IB")
 SAMPLES_HEAD = struct.Struct("<QH")
 BLOCK_HEAD = struct.Struct("<IHI")

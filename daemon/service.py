@@ -15,6 +15,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import ssl
 import time
 from collections import defaultdict
@@ -28,6 +29,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from runwatch.daemon import __version__, sdnotify
+from runwatch.daemon import history as history_mod
 from runwatch.daemon import playbook as playbook_mod
 from runwatch.daemon import store as store_mod
 from runwatch.daemon.config import ConfigError, Settings
@@ -41,6 +43,7 @@ from runwatch.daemon.exporter import (
     TrainCollector,
     serve,
 )
+from runwatch.daemon.history import History, Pass
 from runwatch.daemon.hostio import HostIO
 from runwatch.daemon.ingest import Ingest
 from runwatch.daemon.live import LiveView
@@ -54,8 +57,8 @@ from runwatch.daemon.rules.engine import Engine, Event, StreamRef
 from runwatch.daemon.rules.reload import RuleSource
 from runwatch.daemon.rules.spec import SEVERITY_ORDER
 from runwatch.daemon.sampler import Sampler, describe_gpus
-from runwatch.daemon.store import Store, StoreError
-from runwatch.daemon.writer import Write, Writer
+from runwatch.daemon.store import DiskReserve, Store, StoreError
+from runwatch.daemon.writer import Write, Writer, store_error_kind
 
 log = logging.getLogger("runwatch.daemon")
 
@@ -80,7 +83,7 @@ def _sample_stored(error: BaseException | None) -> None:
 
 def drift_config(settings: Settings) -> DriftConfig:
     """The monitors' settings; the grid (lo, hi) is a placeholder: monitors work on counts."""
-    return DriftConfig(lo=0.0, hi=1.0, **settings.drift.model_dump())
+    return DriftConfig(lo=0.0, hi=1.0, **settings.drift.model_dump(exclude={"references"}))
 
 
 class StartupError(Exception):
@@ -151,7 +154,14 @@ class Daemon:
         writer = Writer(store, self.live, self.metrics, lambda results: ingest.notify(results),  # type: ignore[union-attr]
                         engine=self.engine, on_events=self.notifier.submit if self.notifier else None)
         self._writer = writer
-        writer.drift = DriftMonitors(lambda: drift_config(self.settings))
+        writer.drift = DriftMonitors(lambda: drift_config(self.settings),
+                                     lambda: self.settings.drift.references, store.conn)
+        writer.reserve = DiskReserve(s.state_dir / "runwatch.reserve", s.store_reserve_mb << 20)
+        if not writer.reserve.take():
+            writer.reserve.give_up()
+            self.metrics.store_full.set(1)
+            log.error("store %s: no room to set %d MiB aside for alerts; sample history waits until"
+                      " there is", s.store_path, s.store_reserve_mb)
         self.playbook = playbook = Playbook(
             store, lambda: self.settings.playbook, lambda run, cmds: ingest.deliver(run, cmds),  # type: ignore[union-attr]
             self._last_step, self._firing_runs, confirm_steps=lambda: self.settings.retention.confirm_steps,
@@ -204,6 +214,7 @@ class Daemon:
             self.retention.start()
             sampling = asyncio.create_task(self._start_sampler()) if s.sample_interval_seconds > 0 else None
             ticker = asyncio.create_task(self._tick())
+            keeping = asyncio.create_task(self._keep_history(History(lambda: self.settings.history)))
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -225,6 +236,7 @@ class Daemon:
             await ingest.close_all()
             if ticker is not None:
                 ticker.cancel()
+            keeping.cancel()
             if sampling is not None:
                 sampling.cancel()
         finally:
@@ -280,6 +292,36 @@ class Daemon:
             held_runs = self.playbook.paused_runs | self.playbook.busy_runs()
             connected = [st.info for st in self.live.snapshot() if st.connections > 0]
             self._writer.tick([i.id for i in connected], [i.id for i in connected if i.run in held_runs])
+
+    async def _keep_history(self, history: History) -> None:
+        """Roll up and prune metric history every ``maintenance_seconds``, a bounded chunk per
+        writer turn so that a backlog (say, a store from an older version) never stalls ingest."""
+        while True:
+            await asyncio.sleep(self.settings.history.maintenance_seconds)
+            more = True
+            while more:
+                try:
+                    done = await asyncio.wrap_future(
+                        self._writer.call(lambda store: self._maintain(history, store)))
+                except sqlite3.Error as exc:
+                    self.metrics.store_errors.labels(store_error_kind(exc)).inc()
+                    log.error("metric history maintenance failed: %s (retried next pass)", exc)
+                    break
+                more = done.more
+
+    def _maintain(self, history: History, store: Store) -> Pass:
+        done = history.maintain(store.conn)
+        m = self.metrics
+        m.history_rows.labels("rolled").inc(done.rolled)
+        m.history_rows.labels("pruned_raw").inc(done.pruned_raw)
+        m.history_rows.labels("pruned_rollup").inc(done.pruned_rollups)
+        conn = store.conn
+        page = conn.execute("PRAGMA page_size").fetchone()[0]
+        m.store_bytes.labels("file").set(conn.execute("PRAGMA page_count").fetchone()[0] * page)
+        m.store_bytes.labels("free").set(conn.execute("PRAGMA freelist_count").fetchone()[0] * page)
+        m.history_backlog.set(conn.execute("SELECT count(*) FROM samples WHERE rowid > ?",
+                                           (history_mod.watermark(conn),)).fetchone()[0])
+        return done
 
     def _retention_alerts(self, alerts: list[dict[str, Any]]) -> None:
         """The retention manager's findings as alerts: firing while a pass says so, resolved
@@ -384,9 +426,27 @@ class Daemon:
             return self.pin(request, op == "pin")
         if op == "retention_plan":
             return self.retention_plan(str(request.get("run")))
+        if op in ("drift", "drift_freeze"):
+            return self.drift(op, request)
         return {"error": f"unknown query op {op!r}; known: status, runs, alerts, rules, silences,"
                          " silence_add, silence_expire, notifications, control, incidents, incident,"
-                         " command, checkpoints, pin, unpin, retention_plan"}
+                         " command, checkpoints, pin, unpin, retention_plan, drift, drift_freeze"}
+
+    def drift(self, op: str, request: dict[str, Any]) -> dict[str, Any]:
+        """``runwatch drift list|freeze`` on the writer thread, which owns the monitors; freezing a
+        run's reference is for its owner or root."""
+        monitors, playbook = self._writer.drift, self.playbook
+
+        def call(_: Store) -> dict[str, Any]:
+            if op == "drift_freeze":
+                playbook.check_owner(str(request.get("run")), int(request["peer_uid"]), "freeze drift for")
+            return monitors.query(op, request)
+
+        try:
+            return self._writer.call(call).result(timeout=60)
+        except ControlRefused as exc:
+            self.metrics.control_refused.inc()
+            return {"error": str(exc)}
 
     def pin(self, request: dict[str, Any], pinned: bool) -> dict[str, Any]:
         run, step = request.get("run"), request.get("step")
@@ -438,7 +498,8 @@ class Daemon:
                 run = str(request.get("run"))
                 return {"run": run, "checkpoints": playbook_mod.checkpoints(conn, run),
                         "control": playbook_mod.run_control(conn, run),
-                        "retention": retention_mod.decisions(conn, run)}
+                        "retention": retention_mod.decisions(conn, run),
+                        "gone": retention_mod.gone(conn, run)}
             key = request.get("id")
             if not isinstance(key, int):
                 return {"error": f"{op}: id must be an integer"}
@@ -481,8 +542,10 @@ class Daemon:
     def alerts(self, limit: int = 50, run: str | None = None) -> dict[str, Any]:
         if self.engine is None:
             return {"enabled": False, "firing": [], "recent": []}
-        # Escalations are the playbook's alerts, not a rule series': both are firing.
-        firing = sorted(self.engine.active() + list(self.playbook.escalations.values()),
+        # Escalations are the playbook's alerts and retention_* the retention manager's, not a rule
+        # series': all are firing.
+        firing = sorted(self.engine.active() + list(self.playbook.escalations.values())
+                        + list(self._retention_firing.values()),
                         key=lambda e: (-SEVERITY_ORDER[e.severity], e.run, e.rank, e.rule))
         conn = Store.reader(self.settings.store_path)
         try:

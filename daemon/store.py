@@ -16,8 +16,11 @@ connection with :meth:`Store.reader`. WAL lets them read while the writer commit
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
@@ -27,6 +30,8 @@ from typing import Any, Protocol
 
 import numpy as np
 import sqlite_utils
+
+from runwatch.daemon import history
 
 SCHEMA_VERSION = 3
 
@@ -45,6 +50,65 @@ class StreamInfo:
     pid: int
     uid: int
     hook_version: str
+
+
+class StoreFull(StoreError):
+    """History is paused because the store's disk is full; the frames were not stored."""
+
+
+class DiskReserve:
+    """Disk set aside beside the store so that alerts still have room when the disk fills.
+
+    Alerts take priority over history. When a commit fails because the disk is full, the
+    writer calls :meth:`give_up`: the reserve file is deleted, and its space serves alert
+    events, notifications and hook handshakes. History writes are then refused without trying
+    (unacknowledged, so hooks keep and resend them) until :meth:`recovered` sees room for the
+    reserve plus a margin again and takes it back. Writer thread only.
+    """
+
+    MARGIN = 16 << 20
+    CHECK_SECONDS = 1.0
+
+    def __init__(self, path: Path, size: int, clock: Any = time.monotonic) -> None:
+        self.path = path
+        self.size = size
+        self.full = False
+        self._clock = clock
+        self._checked = -math.inf
+
+    def take(self) -> bool:
+        """Set the reserve aside (at start and on recovery); False when there is no room."""
+        if self.size == 0:
+            return True
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, self.size)
+            finally:
+                os.close(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            return False
+        return True
+
+    def give_up(self) -> None:
+        self.full = True
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def recovered(self) -> bool:
+        """While full: True once free space holds the reserve again (and it is taken back)."""
+        now = self._clock()
+        if now - self._checked < self.CHECK_SECONDS:
+            return False
+        self._checked = now
+        disk = shutil.disk_usage(self.path.parent)
+        # The margin keeps history from flapping on and off at the edge (smaller on small disks).
+        if disk.free < self.size + min(self.MARGIN, disk.total // 10) or not self.take():
+            return False
+        self.full = False
+        return True
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -208,6 +272,18 @@ class Store:
                 " step INTEGER, lr_scale REAL NOT NULL DEFAULT 1.0, heartbeat REAL,"
                 " checkpoint_dir TEXT, data_dir TEXT, updated REAL NOT NULL)"
             )
+            # Each launch of a run (the hooks' launch id; '' from hooks that send none): when it
+            # first connected, whether its global rank 0 is connected to this daemon (which then
+            # owns the run's interventions), and what its hooks speak.
+            self.conn.execute(
+                "CREATE TABLE IF NOT EXISTS run_launches (run TEXT NOT NULL, launch TEXT NOT NULL,"
+                " started REAL NOT NULL, rank0_here INTEGER NOT NULL, world_size INTEGER NOT NULL,"
+                " capabilities TEXT NOT NULL, PRIMARY KEY (run, launch))"
+            )
+            history.create_tables(self.conn)
+            from runwatch.daemon import monitors  # it imports this module, so not at the top
+
+            monitors.create_tables(self.conn)  # drift references
             db["meta"].upsert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
         for set_id, names in self.conn.execute("SELECT id, names FROM metric_sets"):
             self._metric_sets[tuple(names.split("\n"))] = set_id

@@ -32,7 +32,7 @@ from runwatch.daemon.playbook import Playbook
 from runwatch.daemon.protocol import Block, Samples
 from runwatch.daemon.ranks import RankComparison
 from runwatch.daemon.rules.engine import Engine, Event, StreamRef
-from runwatch.daemon.store import Store, StreamInfo
+from runwatch.daemon.store import DiskReserve, Store, StoreFull, StreamInfo
 
 log = logging.getLogger("runwatch.writer")
 
@@ -74,6 +74,7 @@ class Writer:
         on_events: Callable[[list[Event]], None] | None = None,
     ) -> None:
         self.playbook: Playbook | None = None  # set once ingest exists (it delivers the commands)
+        self.reserve: DiskReserve | None = None  # room kept for alerts when the disk fills
         self.store = store
         self.engine = engine
         self.on_events = on_events
@@ -140,7 +141,7 @@ class Writer:
             return
         started = time.perf_counter()
         store = self.store
-        error: BaseException | None = None
+        error: BaseException | None
         for w in writes:
             for stage in (self.ranks, self.drift):
                 try:
@@ -153,37 +154,13 @@ class Writer:
                     continue
                 if blocks is not None:
                     w.samples = Samples(w.samples.seq, blocks)
-        try:
-            with store.conn:
-                last_seen: dict[int, float] = {}
-                for w in writes:
-                    for block in w.samples.blocks:
-                        set_id = store.metric_set_id(block.names)
-                        values = block.values
-                        store.insert_rows(
-                            zip(
-                                repeat(w.stream_id),
-                                block.steps.tolist(),
-                                block.times.tolist(),
-                                repeat(set_id),
-                                (row.tobytes() for row in values),
-                                strict=False,
-                            )
-                        )
-                        last_seen[w.stream_id] = max(
-                            last_seen.get(w.stream_id, 0.0), float(block.times[-1])
-                        )
-                store.touch_streams([(t, sid) for sid, t in last_seen.items()])
-        except sqlite3.Error as exc:
-            error = exc
-            try:
-                store.forget_uncommitted()
-            except sqlite3.Error:
-                store._metric_sets.clear()
-            self.metrics.store_errors.labels(_store_error_kind(exc)).inc()
-            log.error("store commit of %d frames failed: %s (not acknowledged; hooks will resend)",
-                      len(writes), exc)
+        reserve = self.reserve
+        if reserve is not None and reserve.full and not self._recovered(reserve):
+            error = StoreFull(f"store {store.path}: disk full; history paused, alerts go on")
+            self.metrics.store_errors.labels("disk_full").inc()
         else:
+            error = self._insert(writes)
+        if error is None:
             # The live view only needs the newest block per (stream, metric set) of this commit.
             newest: dict[tuple[int, tuple[str, ...]], Block] = {}
             points = 0
@@ -200,13 +177,65 @@ class Writer:
             self.metrics.frames.inc(len(writes))
             self.metrics.commit_seconds.observe(time.perf_counter() - started)
         self._notify([(w.done, error) for w in writes])
-        if error is None and self.engine is not None:
+        # Alerts take priority over history: steps the full disk refused are judged all the same
+        # (the engine skips steps it has seen, so their resend after recovery is not judged twice).
+        if (error is None or (reserve is not None and reserve.full)) and self.engine is not None:
             try:
                 self._judge(writes)
             except Exception:
                 # The data is stored and acknowledged; a rule failing must not stop the writer.
                 self.metrics.rule_errors.inc()
                 log.exception("judging %d committed frames failed; the steps are stored", len(writes))
+
+    def _insert(self, writes: list[Write]) -> sqlite3.Error | None:
+        store = self.store
+        try:
+            with store.conn:
+                last_seen: dict[int, float] = {}
+                for w in writes:
+                    for block in w.samples.blocks:
+                        set_id = store.metric_set_id(block.names)
+                        store.insert_rows(
+                            zip(
+                                repeat(w.stream_id),
+                                block.steps.tolist(),
+                                block.times.tolist(),
+                                repeat(set_id),
+                                (row.tobytes() for row in block.values),
+                                strict=False,
+                            )
+                        )
+                        last_seen[w.stream_id] = max(
+                            last_seen.get(w.stream_id, 0.0), float(block.times[-1])
+                        )
+                store.touch_streams([(t, sid) for sid, t in last_seen.items()])
+        except sqlite3.Error as exc:
+            try:
+                store.forget_uncommitted()
+            except sqlite3.Error:
+                store._metric_sets.clear()
+            kind = store_error_kind(exc)
+            self.metrics.store_errors.labels(kind).inc()
+            if kind == "disk_full" and self.reserve is not None:
+                self.reserve.give_up()
+                self.metrics.store_full.set(1)
+                log.error("store %s: the disk is full (%s). Sample history is paused: hooks keep their"
+                          " steps and resend them; alerts go on in the %d MiB set aside. Free space on"
+                          " that disk (or shorten [history] raw_hours) and history resumes by itself.",
+                          store.path, exc, self.reserve.size >> 20)
+            else:
+                log.error("store commit of %d frames failed: %s (not acknowledged; hooks will resend)",
+                          len(writes), exc)
+            return exc
+        return None
+
+    def _recovered(self, reserve: DiskReserve) -> bool:
+        if not reserve.recovered():
+            return False
+        self.metrics.store_full.set(0)
+        log.warning("store %s: disk space is back; sample history resumes (hooks resend what waited)",
+                    self.store.path)
+        return True
 
     # -- rules ----------------------------------------------------------------------------
 
@@ -275,7 +304,7 @@ class Writer:
                 for e in events:
                     self.store.insert_event(now, e)
         except sqlite3.Error as exc:
-            self.metrics.store_errors.labels(_store_error_kind(exc)).inc()
+            self.metrics.store_errors.labels(store_error_kind(exc)).inc()
             log.error("could not store %d alert events (%s); they were logged above", len(events), exc)
         if self.on_events is not None:
             self.on_events(events)
@@ -289,7 +318,7 @@ class Writer:
             self.record(more, now)
 
 
-def _store_error_kind(exc: sqlite3.Error) -> str:
+def store_error_kind(exc: sqlite3.Error) -> str:
     text = str(exc).lower()
     if "full" in text:
         return "disk_full"

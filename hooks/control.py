@@ -12,6 +12,16 @@ when someone has, an ``all_gather_object`` of the commands. Nothing touches the 
 host-device sync is added; the cost is one tiny CPU collective every ``every`` steps. A
 single process checks its queue every step (a ``deque`` length: free).
 
+The ranks also agree on whether each command worked: after applying one, an
+``all_gather`` of one CPU integer per rank (its success) over the same group, so every rank
+learns which ranks failed (an ``all_reduce(MIN)`` would say only that one did; the names
+go to the daemon, which may not see the other nodes' ranks). If any rank failed a command
+that changes training state, every rank stays paused: no rank trains on while another did
+not rewind. After a rewind that some ranks applied and others did not, their weights
+differ, so a ``resume`` is refused on every rank until a rewind succeeds everywhere. Each
+rank reports its own outcome and the agreed one (``all_ranks``). This costs one tiny CPU
+collective per command applied, never in steady state.
+
 Where a host sync would creep in: a rewind loads tensors and a batch dump copies them to
 the host. Both happen only while the run is paused for an incident, never in steady state.
 """
@@ -26,6 +36,7 @@ import sys
 import threading
 import time
 import traceback
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -46,6 +57,8 @@ log = logging.getLogger("runwatch.hooks")
 HEARTBEAT_SECONDS = 5.0
 #: Commands applied on the sender thread as soon as they arrive, not at a step boundary.
 IMMEDIATE = frozenset({"dump_stacks"})
+#: Commands that change training state: a failure on any rank keeps every rank paused.
+STATEFUL = frozenset({"pause", "resume", "rewind", "skip_shard"})
 
 
 class CommandFailed(Exception):
@@ -85,6 +98,8 @@ class Control:
         self.scale_at_save: dict[str, float] = {}
         self.data_consumer = False  # set once the loop draws batches through watch.data()
         self.done_now: set[tuple[str, int]] = set()  # immediate commands (sender thread only)
+        # Why the ranks' training states differ (a rewind that failed on some ranks), or None.
+        self.diverged: str | None = None
 
     # -- sender thread -----------------------------------------------------------------
 
@@ -172,6 +187,8 @@ class Control:
             self.done.add(key)
             action = command.get("action")
             step = self.watch.step
+            state, result, detail = "applied", {}, ""
+            before = (self.lr_scale, self.rewinds, self.skip_next)
             try:
                 handler = self._handlers().get(str(action))
                 if handler is None:
@@ -179,18 +196,59 @@ class Control:
                 result = handler(command.get("args") or {}, command)
             except Exception as exc:  # a failed command is reported, never raised into training
                 known = isinstance(exc, CommandFailed | checkpoints.CheckpointError)
-                detail = str(exc) if known else repr(exc)
+                state, detail = "failed", str(exc) if known else repr(exc)
                 log.error("runwatch: %s (command %s) failed: %s", action, key, detail)
-                self._ack(command, "failed", step, {}, detail)
-            else:
+            # Every rank reaches this point for every agreed command (a failure is caught above),
+            # so the outcome's collective cannot leave a rank behind.
+            failed = self._agree_outcome(state == "applied") if self.distributed else \
+                ([] if state == "applied" else [self.watch.rank])
+            self._settle(str(action), key, failed)
+            if failed and action == "rewind" and state == "applied":
+                # Not applied as far as the run is concerned: the next rewind must scale the LR
+                # and count from the same place on every rank, or their LRs would differ too.
+                self.lr_scale, self.rewinds, self.skip_next = before
+            if state == "applied" and not failed:
                 log.warning("runwatch: %s applied before step %d (command %s)", action, step, key)
-                self._ack(command, "applied", step, result, "")
+            elif state == "applied":
+                log.error("runwatch: %s (command %s) failed on rank(s) %s; %s", action, key, failed,
+                          "every rank stays paused" if action in STATEFUL else "training goes on")
+            size = self._size()
+            self._ack(command, state, step, result, detail,
+                      {"failed": failed, "size": size} if self.distributed else None)
+
+    def _size(self) -> int:
+        return torch.distributed.get_world_size(self.group) if self.distributed else 1
+
+    def _agree_outcome(self, ok: bool) -> list[int]:
+        """The ranks (of the control group: global ranks) where the command failed; the same
+        list on every rank."""
+        dist = torch.distributed
+        flags = [torch.zeros(1, dtype=torch.int64) for _ in range(self._size())]
+        dist.all_gather(flags, torch.tensor([int(ok)], dtype=torch.int64), group=self.group)
+        return [r for r, f in enumerate(flags) if int(f.item()) == 0]
+
+    def _settle(self, action: str, key: tuple[str, int], failed: list[int]) -> None:
+        """After the ranks agreed on a command's outcome: keep every rank paused if it failed
+        anywhere and changes training state; note or clear a divergence of the ranks' states."""
+        if not failed:
+            if action == "rewind":
+                self.diverged = None  # every rank loaded the same checkpoint: one state again
+            return
+        if action in STATEFUL:
+            self.paused = True
+        if action == "rewind" and len(failed) < self._size():
+            self.diverged = (f"rewind (command {key[1]} from {key[0]}) failed on rank(s) "
+                             f"{', '.join(map(str, failed))} and was applied on the others")
 
     def _ack(self, command: dict[str, Any], state: str, step: int, result: dict[str, Any],
-             detail: str) -> None:
-        self.watch.sender.put_event({"type": "command", "origin": command.get("origin"),
-                                     "id": command.get("id"), "action": command.get("action"),
-                                     "state": state, "step": step, "result": result, "detail": detail})
+             detail: str, all_ranks: dict[str, Any] | None = None) -> None:
+        """Report this rank's outcome (and, under torch.distributed, the one all ranks agreed)."""
+        event = {"type": "command", "origin": command.get("origin"), "id": command.get("id"),
+                 "action": command.get("action"), "state": state, "step": step, "result": result,
+                 "detail": detail}
+        if all_ranks is not None:
+            event["all_ranks"] = all_ranks
+        self.watch.sender.put_event(event)
 
     def _handlers(self) -> dict[str, Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]]:
         return {"pause": self._pause, "resume": self._resume, "rewind": self._rewind,
@@ -203,6 +261,9 @@ class Control:
         return {}
 
     def _resume(self, args: dict[str, Any], command: dict[str, Any]) -> dict[str, Any]:
+        if self.diverged:
+            raise CommandFailed(f"the ranks' training states differ: {self.diverged}; rewind again "
+                                "(runwatch rewind RUN) until it works on every rank, then resume")
         self.paused = False
         return {}
 
@@ -294,6 +355,27 @@ class Control:
             self.skipped.samples += samples
             self.skipped.tokens += tokens
         return drop
+
+
+def launch_id(control: Control) -> str | None:
+    """An id every rank of this launch shares and the next launch of the run does not, so the
+    daemon tells a relaunch from a reconnect: ``RUNWATCH_LAUNCH`` when set (a launcher's own,
+    e.g. ``$SLURM_JOB_ID.$SLURM_RESTART_COUNT``); else under torch.distributed rank 0's random
+    id, broadcast once over the control group (at ``watch()``, never in a step); a single process
+    draws its own. None when the ranks cannot agree (several processes, no process group)."""
+    env = os.environ.get("RUNWATCH_LAUNCH", "").strip()
+    if env:
+        return env[:128]
+    if not control.distributed:
+        return uuid.uuid4().hex if control.watch.world_size == 1 else None
+    dist = torch.distributed
+    box = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+    try:
+        dist.broadcast_object_list(box, src=0, group=control.group)
+    except Exception:  # never crash training over monitoring; the daemon then cannot see relaunches
+        log.exception("runwatch: the ranks could not agree on a launch id")
+        return None
+    return str(box[0]) if box[0] else None
 
 
 def dump_stacks(watch: Watch, args: dict[str, Any], command: dict[str, Any]) -> dict[str, Any]:

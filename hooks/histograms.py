@@ -27,6 +27,10 @@ ACTIVATION_SAMPLES = 1024
 ACTIVATION_RANGE = 8.0  # signed log1p grid [-8, 8]: |x| up to e**8 ~ 3000 before overflow
 ENTROPY_POSITIONS = 256
 ENTROPY_MAX_ELEMENTS = 1 << 23  # positions x vocabulary gathered at most (32 MiB of float32)
+#: Per-token loss grid [0, 16) nats: ln(vocabulary) is 12.5 at 256k tokens; above, overflow.
+TOKEN_LOSS_RANGE = 16.0
+#: Slots for per-shard counts of one histogram per flush (fixed columns; see hooks/watch.py).
+SHARD_SLOTS = 4
 
 
 def hist_keys(name: str, fine: int) -> tuple[str, ...]:
@@ -112,6 +116,77 @@ def entropy_sample(logits: torch.Tensor, sampler: Sampler) -> torch.Tensor:
     picked = rows.index_select(0, sampler.positions(rows.shape[0], k).to(rows.device)).float()
     logp = torch.log_softmax(picked, dim=-1)
     return -(logp.exp() * logp).sum(dim=-1)
+
+
+def _kind(x: Any) -> str:
+    return str(tuple(x.shape)) + " " + str(x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
+
+
+def check_token_loss(values: Any, labels: Any, shift: bool | None, mask: Any) -> None:
+    """Refuse a ``watch.token_loss`` call that cannot be right, naming the argument (host-only
+    checks of types and shapes: no sync)."""
+    where = "watch.token_loss"
+    if not isinstance(values, torch.Tensor) or not values.is_floating_point():
+        raise ValueError(f"{where}: the first argument must be a float tensor (logits, or per-token "
+                         f"losses), got {_kind(values)}")
+    if labels is None:
+        if shift is not None:
+            raise ValueError(f"{where}: shift= applies to logits with labels; per-token losses are "
+                             "aligned already")
+        if mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != values.shape):
+            raise ValueError(f"{where}: mask must be a tensor of the losses' shape {tuple(values.shape)}, "
+                             f"got {_kind(mask)}")
+        return
+    if shift is None:
+        raise ValueError(f"{where}: with labels, say how they align with the logits: shift=True when "
+                         "position t predicts label t+1 (causal LMs that shift inside their loss, as "
+                         "Hugging Face's *ForCausalLM do), shift=False when labels are already aligned")
+    if mask is not None:
+        raise ValueError(f"{where}: mask= is for per-token losses; with labels, ignore_index marks what "
+                         "to skip")
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"{where}: labels must be an integer tensor, got {_kind(labels)}")
+    if values.dim() < 2 or tuple(labels.shape) != tuple(values.shape[:-1]):
+        raise ValueError(f"{where}: labels of shape {tuple(labels.shape)} do not match logits of shape "
+                         f"{tuple(values.shape)} (labels must be the logits' shape without the vocabulary)")
+    if shift and values.shape[-2] < 2:
+        raise ValueError(f"{where}: shift=True needs sequences of at least 2 positions, got logits "
+                         f"{tuple(values.shape)}")
+
+
+def token_loss_sample(logits: torch.Tensor, labels: torch.Tensor, sampler: Sampler, *, shift: bool,
+                      ignore_index: int) -> torch.Tensor:
+    """Cross-entropy in nats of each label at ``ENTROPY_POSITIONS`` sampled positions (fewer for
+    very large vocabularies). ``shift``: logits at position t predict label t+1 of the same
+    sequence. NaN where the label is ``ignore_index`` or outside the vocabulary, which the
+    histogram drops: no boolean indexing, so no sync."""
+    vocab, seq = logits.shape[-1], logits.shape[-2]
+    rows = logits.detach().reshape(-1, vocab)
+    flat = labels.detach().reshape(-1).to(rows.device)
+    k = max(1, min(ENTROPY_POSITIONS, ENTROPY_MAX_ELEMENTS // vocab))
+    if shift:
+        # Positions (sequence b, t < seq - 1): row b * seq + t, label at the next row.
+        pos = sampler.positions(rows.shape[0] // seq * (seq - 1), k).to(rows.device)
+        row = pos // (seq - 1) * seq + pos % (seq - 1)
+        target = flat.index_select(0, row + 1)
+    else:
+        row = sampler.positions(rows.shape[0], k).to(rows.device)
+        target = flat.index_select(0, row)
+    logp = torch.log_softmax(rows.index_select(0, row).float(), dim=-1)
+    valid = (target >= 0) & (target < vocab) & (target != ignore_index)
+    nll = -logp.gather(1, target.clamp(0, vocab - 1).long().unsqueeze(1)).squeeze(1)
+    return torch.where(valid, nll, torch.full_like(nll, math.nan))
+
+
+def loss_values_sample(losses: torch.Tensor, mask: torch.Tensor | None, sampler: Sampler) -> torch.Tensor:
+    """``ENTROPY_POSITIONS`` sampled per-token losses (NaN where ``mask`` is False)."""
+    flat = losses.detach().reshape(-1)
+    pos = sampler.positions(flat.numel(), ENTROPY_POSITIONS).to(flat.device)
+    picked = flat.index_select(0, pos).float()
+    if mask is not None:
+        keep = mask.detach().reshape(-1).to(flat.device).index_select(0, pos).bool()
+        picked = torch.where(keep, picked, torch.full_like(picked, math.nan))
+    return picked
 
 
 def per_sample_tokens(args: tuple[Any, ...], kwargs: dict[str, Any], ignore_index: int,

@@ -26,6 +26,11 @@ What does not go back:
   rewind there, or to a ``save_only_model`` checkpoint, fails with the reason and the run
   goes on untouched.
 
+Retention. The runwatch daemon's retention owns ``output_dir``; ``save_total_limit`` makes the
+Trainer delete old ``checkpoint-N/`` folders itself, protected ones included, so the callback
+warns (:class:`~runwatch.daemon.checkpoints.CompetingRetentionWarning`) when training starts with
+it set, and the daemon alerts when a checkpoint it protects disappears.
+
 A checkpoint saved after a rewind already holds the scaled rates; the watch remembers the
 scale in force when each one was registered, so a later rewind to it does not scale twice. That
 memory ends with the process, so each registered ``checkpoint-N/`` also gets ``runwatch.json``
@@ -41,6 +46,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from runwatch.daemon.checkpoints import warn_competing_retention
 from runwatch.hooks.watch import Watch, log, safe_run_name
 
 SIDECAR = "runwatch.json"
@@ -80,6 +86,12 @@ class RunwatchCallback(TrainerCallback):  # type: ignore[misc]
                 self.watch = Watch(model, optimizer, run, **options)
             except Exception:  # monitoring must never stop training
                 log.exception("runwatch: could not attach to the Trainer; training goes on unwatched")
+                return
+            limit = getattr(args, "save_total_limit", None)
+            strategy = getattr(args.save_strategy, "value", args.save_strategy)
+            if limit and str(strategy) != "no" and args.process_index == 0 and self.watch.checkpoint_dir:
+                warn_competing_retention(f"TrainingArguments(save_total_limit={limit})",
+                                         "Set save_total_limit=None", self.watch.checkpoint_dir)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Register ``checkpoint-<global_step>/``, which the Trainer has just finished writing.

@@ -33,6 +33,12 @@ scheduler are restored; the AMP GradScaler is not. A ``.ckpt`` that ``weights_on
 (hyper-parameters holding arbitrary objects: ``save_hyperparameters()`` of a Namespace or a
 dataclass), or one saved with ``save_weights_only=True``, cannot be rewound to: the command
 fails with that reason and the run goes on untouched.
+
+Retention. The runwatch daemon's retention owns the ``ModelCheckpoint``'s folder; a
+``save_top_k`` above 0 (the default is 1: only the latest file stays) makes Lightning delete
+``.ckpt`` files itself, protected ones included, so the callback warns
+(:class:`~runwatch.daemon.checkpoints.CompetingRetentionWarning`) when training starts, and the
+daemon alerts when a checkpoint it protects disappears.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from runwatch.daemon.checkpoints import identify
+from runwatch.daemon.checkpoints import identify, warn_competing_retention
 from runwatch.hooks.watch import Watch, log
 
 
@@ -79,6 +85,8 @@ class RunwatchLightningCallback(pl.Callback):
                 log.exception("runwatch: could not attach to Lightning; training goes on unwatched")
                 return
             self._wrap_save_checkpoint(trainer)
+            if trainer.is_global_zero and self.watch.checkpoint_dir is not None:
+                _warn_competing_retention(trainer, self.watch.checkpoint_dir)
 
     def _wrap_save_checkpoint(self, trainer: pl.Trainer) -> None:
         """Call :meth:`_saved` after every ``trainer.save_checkpoint`` (ModelCheckpoint's and
@@ -173,6 +181,17 @@ class RunwatchLightningCallback(pl.Callback):
             self.watch.close()
             self.watch = None
         self._pending = []
+
+
+def _warn_competing_retention(trainer: pl.Trainer, folder: Path) -> None:
+    """Warn about each ModelCheckpoint that deletes ``.ckpt`` files in ``folder`` (runwatch's):
+    any ``save_top_k`` above 0 keeps only its best K (the default, 1, keeps only the latest)."""
+    for callback in trainer.checkpoint_callbacks:
+        k = getattr(callback, "save_top_k", -1)
+        dirpath = getattr(callback, "dirpath", None)
+        if k > 0 and dirpath and "://" not in str(dirpath) and Path(dirpath).absolute() == folder:
+            warn_competing_retention(f"ModelCheckpoint(save_top_k={k})",
+                                     "Set save_top_k=-1 (every checkpoint saved)", folder)
 
 
 def _local_dirpath(trainer: pl.Trainer) -> str | None:

@@ -18,6 +18,13 @@ and rank.
 Control: :meth:`Sender.put_event` queues a JSON event (delivered like samples: acked,
 spooled, replayed); COMMAND frames from the daemon are handed to ``on_command`` on this
 thread, which must only queue them (the training thread applies them at a step boundary).
+
+Version skew: the HELLO offers the capabilities the hook speaks; EVENT frames go only to a
+daemon whose WELCOME granted ``events`` (others are dropped, counted in
+:attr:`Sender.dropped_events` and logged once: a daemon older than the control channel would
+close the connection on them and the replay would loop). A daemon older than the
+negotiation refuses the HELLO's new fields; the sender then connects with the plain HELLO
+(monitoring on, control off) instead of giving up.
 """
 
 from __future__ import annotations
@@ -45,6 +52,8 @@ log = logging.getLogger("runwatch.hooks")
 
 #: Refusals that no retry can fix; the sender stops trying and says so once.
 FATAL_HANDSHAKE = {"bad_version", "bad_handshake", "forbidden"}
+#: HELLO fields added with capability negotiation; a daemon from before it refuses them by name.
+HELLO_EXTENSIONS = ("capabilities", "launch")
 
 
 @dataclass
@@ -187,6 +196,9 @@ class Sender:
         self.refused: str | None = None
         self.on_command: Callable[[dict[str, Any]], None] | None = None
         self.early_commands: list[dict[str, Any]] = []
+        #: What the daemon granted in its WELCOME (empty until connected, and from an old daemon).
+        self.daemon_capabilities: frozenset[str] = frozenset()
+        self.dropped_events = 0
         self._queue: queue.Queue[Batch | dict[str, Any]] = queue.Queue(maxsize=queue_batches)
         # seq -> frame, oldest first; a unique base so seqs never collide with a spool's.
         self._pending: OrderedDict[int, bytes] = OrderedDict()
@@ -317,6 +329,16 @@ class Sender:
             sock.close()
             reply = protocol.decode_json(payload) if kind == Kind.ERROR else {}
             code = reply.get("error", "unexpected")
+            detail = str(reply.get("detail", ""))
+            extra = [k for k in HELLO_EXTENSIONS if k in self.hello and detail.startswith(f"{k}:")]
+            if code == "bad_handshake" and extra:
+                # A daemon from before capability negotiation: watched without control is far
+                # better than not watched; retry at once with the HELLO it knows.
+                log.warning("runwatch: the daemon at %s predates the control channel (%s); monitoring"
+                            " without pause/rewind", self.socket_path, detail)
+                self.hello = {k: v for k, v in self.hello.items() if k not in HELLO_EXTENSIONS}
+                self._next_connect = 0.0
+                return
             if code in FATAL_HANDSHAKE:
                 self.refused = f"{code}: {reply.get('detail')}"
                 log.error("runwatch: the daemon refused this run (%s); monitoring is off",
@@ -326,6 +348,8 @@ class Sender:
             return
         welcome = protocol.decode_json(payload)
         self.max_frame_bytes = min(self.max_frame_bytes, int(welcome.get("max_frame_bytes", 1 << 20)))
+        granted = welcome.get("capabilities")
+        self.daemon_capabilities = frozenset(granted) if isinstance(granted, list) else frozenset()
         self._sock = sock
         self._rx.clear()
         self.connected = True
@@ -382,8 +406,12 @@ class Sender:
             while self._unsent and self._in_flight_ok():
                 seq = self._unsent.pop(0)
                 frame = self._pending.get(seq)
-                if frame is not None:
-                    sock.sendall(frame)
+                if frame is None:
+                    continue
+                if frame[protocol.HEADER.size - 1] == Kind.EVENT and "events" not in self.daemon_capabilities:
+                    self._drop_event(seq)
+                    continue
+                sock.sendall(frame)
             self._read_acks(sock)
         except (OSError, ConnectionError, protocol.ProtocolError) as exc:
             log.debug("runwatch sender: connection lost: %s", exc)
@@ -423,6 +451,15 @@ class Sender:
                     log.warning("runwatch: daemon closed the connection: %s: %s",
                                 reply.get("error"), reply.get("detail"))
                     raise ConnectionError(reply.get("error", "error"))
+
+    def _drop_event(self, seq: int) -> None:
+        """Forget an EVENT frame this daemon does not take (as if acknowledged), counted."""
+        if not self.dropped_events:
+            log.warning("runwatch: the daemon at %s takes no control events (it predates the control "
+                        "channel); checkpoint registrations and command answers are not sent to it",
+                        self.socket_path)
+        self.dropped_events += 1
+        self._acked(seq)
 
     def _acked(self, seq: int) -> None:
         frame = self._pending.pop(seq, None)

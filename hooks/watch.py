@@ -39,8 +39,12 @@ hook, so the loop does not change. Per optimizer step it records (keys as sent):
                                :mod:`runwatch.hooks.histograms`) of ``seq_length`` (useful
                                tokens per sample), ``output_entropy`` (nats, sampled
                                positions), ``activation_values/<layer>`` (sampled, signed
-                               log), filled on one step in ``HISTOGRAM_STEP_SAMPLE``, and what
+                               log), ``token_loss`` (nats, sampled positions; only when told
+                               how labels align: ``token_loss=`` or ``watch.token_loss``), filled
+                               on one step in ``HISTOGRAM_STEP_SAMPLE``, and what
                                ``watch.histogram`` adds; the daemon's drift monitors read them
+``hist/seq_length@shard<j>/*``  with ``batch(shard=...)``: the ``seq_length`` counts of up to
+                               ``SHARD_SLOTS`` shards a flush, slot j's shard in ``.../id``
 =============================  ==========================================================
 
 Control (see :mod:`runwatch.hooks.control`): the daemon can pause the run before a step,
@@ -88,16 +92,21 @@ from runwatch.daemon.protocol import shard_id
 from runwatch.hooks import __version__
 from runwatch.hooks import checkpoint as ckpt_io
 from runwatch.hooks.buffer import StepBuffer
-from runwatch.hooks.control import Control, default_incident_dir
+from runwatch.hooks.control import Control, default_incident_dir, launch_id
 from runwatch.hooks.guard import GuardMode, SpikeGuard, resolve_mode
 from runwatch.hooks.histograms import (
     ACTIVATION_RANGE,
+    SHARD_SLOTS,
+    TOKEN_LOSS_RANGE,
     DeviceHistogram,
     Sampler,
     activation_sample,
+    check_token_loss,
     entropy_sample,
     logits_of,
+    loss_values_sample,
     per_sample_tokens,
+    token_loss_sample,
 )
 from runwatch.hooks.sender import Batch, Sender
 from runwatch.hooks.signals import Fingerprint, GradNorms, activation_norm, repeated_blocks, token_counts
@@ -227,12 +236,16 @@ class Watch:
         data_dir: str | os.PathLike[str] | None = None,
         histogram_every: int = 16,
         seq_len: int | None = None,
+        token_loss: Literal["shifted", "aligned"] | None = None,
         sender: Sender | None = None,
     ) -> None:
         if flush_every < 1:
             raise ValueError("flush_every must be at least 1")
         if histogram_every < 0:
             raise ValueError("histogram_every must be >= 0 (0: no histograms)")
+        if token_loss not in (None, "shifted", "aligned"):
+            raise ValueError(f"token_loss={token_loss!r}: use 'shifted' (logits at t predict labels at t+1, "
+                             "as causal LMs), 'aligned' (labels at the logits' positions) or None")
         optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate/Lightning wrappers
         detected_rank, detected_world = _detect_rank()
         self.rank = detected_rank if rank is None else rank
@@ -284,6 +297,9 @@ class Watch:
         self._hist_sampler: Sampler | None = None
         self._hist_refused: set[str] = set()
         self._activation_hists: set[str] = set()  # activation_norm/<layer> keys that get one
+        self._token_loss = token_loss  # how the model's labels align with its logits, if told
+        self._fwd_labels: torch.Tensor | None = None  # this forward's labels, for token_loss
+        self._shard_slots: dict[str, int] = {}  # shard -> slot of seq_length@shard<j>, this flush
 
         self.buffer = StepBuffer(flush_every, self.device, self._emit)
         inner = _unwrap(model)
@@ -296,6 +312,9 @@ class Watch:
             self.device, window=guard_window, warmup=guard_warmup, sigma=guard_sigma, ratio=guard_ratio)
         self._fingerprint = Fingerprint(self.device)
 
+        # Before the HELLO: the ranks agree on their launch id over the control group.
+        self.control = self._make_control(control_every)
+        self.launch = launch_id(self.control)
         hello = {
             "protocol": protocol.PROTOCOL_VERSION,
             "role": "hook",
@@ -307,13 +326,14 @@ class Watch:
             "hook_version": __version__,
             "checkpoint_dir": str(self.checkpoint_dir) if self.checkpoint_dir else None,
             "data_dir": str(Path(data_dir).absolute()) if data_dir else None,
+            "capabilities": list(protocol.CAPABILITIES),
+            **({"launch": self.launch} if self.launch else {}),
         }
         spool = Path(spool_dir) if spool_dir else _spool_dir()
         self.sender = sender or Sender(
             self.socket_path, hello, spool / f"{self.run}.rank{self.rank}.spool",
             spool_max_bytes=spool_max_bytes,
         )
-        self.control = self._make_control(control_every)
         self.sender.on_command = self.control.receive
         early = getattr(self.sender, "early_commands", [])  # a sender passed in may not keep any
         while early:
@@ -487,6 +507,36 @@ class Watch:
     def _hist_add(self, h: DeviceHistogram, values: torch.Tensor) -> None:
         h.add(values)
 
+    def token_loss(self, values: torch.Tensor, labels: torch.Tensor | None = None, *,
+                   shift: bool | None = None, ignore_index: int | None = None,
+                   mask: torch.Tensor | None = None) -> None:
+        """Per-token loss histogram ``token_loss`` (nats, grid [0, 16)), sampled on the device at
+        ``ENTROPY_POSITIONS`` positions of one step in ``HISTOGRAM_STEP_SAMPLE``; no sync.
+
+        Either logits with their labels, saying how they align, since only the model knows:
+        ``watch.token_loss(out.logits, labels, shift=True)`` when position t predicts label t+1
+        (causal LMs that shift inside their loss, e.g. Hugging Face's ``*ForCausalLM``),
+        ``shift=False`` when labels sit at the logits' positions; labels equal to
+        ``ignore_index`` (default the watch's) are skipped. Or per-token losses you computed
+        (``cross_entropy(..., reduction="none")``) with ``mask`` marking the real tokens (an
+        ignored token's loss is 0, which would read as a perfect prediction). A call that cannot
+        be right raises ValueError naming the argument, on every step."""
+        check_token_loss(values, labels, shift, mask)
+        if self.enabled and self._hist_every and self.step % HISTOGRAM_STEP_SAMPLE == 0:
+            self._token_loss_add(values, labels, bool(shift), ignore_index, mask)
+
+    @_guarded
+    def _token_loss_add(self, values: torch.Tensor, labels: torch.Tensor | None, shift: bool,
+                        ignore_index: int | None, mask: torch.Tensor | None) -> None:
+        h = self._builtin_histogram("token_loss", 0.0, TOKEN_LOSS_RANGE, 128)
+        if h is None:
+            return
+        if labels is None:
+            h.add(loss_values_sample(values, mask, self._sampler()))
+        else:
+            h.add(token_loss_sample(values, labels, self._sampler(), shift=shift,
+                                    ignore_index=self.ignore_index if ignore_index is None else ignore_index))
+
     @_guarded
     def batch(self, shard: str | int | None = None, offset: int | None = None) -> None:
         """Say where the coming batch comes from in the data (shard id and offset).
@@ -577,8 +627,11 @@ class Watch:
         self.control.data_consumer = True
         for i, batch in enumerate(batches):
             self.data_position += 1
-            if i < start or self.control.should_skip(batch, shard(batch) if shard else None):
+            name = shard(batch) if shard else None
+            if i < start or self.control.should_skip(batch, name):
                 continue
+            if name is not None:
+                self.batch(shard=name)  # data_shard, and the per-shard drift histograms
             yield batch
 
     @property
@@ -684,6 +737,12 @@ class Watch:
                                             fine=min(128, self._seq_len + 1))
                 if h is not None:
                     h.add(lengths)
+                    slot = self._shard_histogram(h) if self._shard is not None else None
+                    if slot is not None:
+                        slot.add(lengths)
+            if self._token_loss is not None:
+                labels = kwargs.get("labels")
+                self._fwd_labels = labels if isinstance(labels, torch.Tensor) else None
         ids = kwargs.get("input_ids", args[0] if args else None)
         if isinstance(ids, torch.Tensor) and not ids.is_floating_point():
             self.buffer.set("batch_fingerprint", self._fingerprint(ids))
@@ -714,6 +773,16 @@ class Watch:
                                             fine=128)
                 if h is not None:
                     h.add(entropy_sample(logits, self._sampler()))
+                labels, self._fwd_labels = self._fwd_labels, None
+                if self._token_loss is not None and labels is not None:
+                    shift = self._token_loss == "shifted"
+                    try:
+                        check_token_loss(logits, labels, shift, None)
+                    except ValueError as exc:  # the model's labels are not what token_loss= said
+                        log.warning("runwatch: no token_loss histogram: %s", exc)
+                        self._token_loss = None
+                    else:
+                        self._token_loss_add(logits, labels, shift, None, None)
         if self._user_loss:
             return
         loss = getattr(output, "loss", None)
@@ -784,10 +853,28 @@ class Watch:
                              f"got {(lo, hi, fine)}")
         return h
 
+    def _shard_histogram(self, base: DeviceHistogram) -> DeviceHistogram | None:
+        """The slot of this batch's shard for ``base``'s counts this flush, or None when the
+        flush already holds ``SHARD_SLOTS`` other shards (then the batch counts in ``base``
+        only). Fixed slots keep the row's columns fixed however many shards a run reads."""
+        assert self._shard is not None
+        j = self._shard_slots.get(self._shard)
+        if j is None:
+            if len(self._shard_slots) >= SHARD_SLOTS:
+                return None
+            j = self._shard_slots[self._shard] = len(self._shard_slots)
+        return self._builtin_histogram(f"{base.name}@shard{j}", base.lo, base.hi, base.fine)
+
     def _flush_histograms(self, step: int) -> None:
         if self._hist_every and self._hists and step % self._hist_every == self._hist_every - 1:
-            for h in self._hists.values():
+            used = {f"seq_length@shard{j}" for j in self._shard_slots.values()}
+            for name, h in self._hists.items():
+                if "@shard" in name and name not in used:
+                    continue  # an idle shard slot: nothing counted, nothing to say
                 self.buffer.set_many(h.keys, h.take())
+            for shard, j in self._shard_slots.items():
+                self.buffer.put(f"hist/seq_length@shard{j}/id", float(shard_id(shard)))
+            self._shard_slots.clear()
 
     def _install_microbatch_taps(self) -> None:
         """Per-parameter gradient hooks: each sees one backward's gradient before it is added
@@ -1012,6 +1099,9 @@ def watch(
     ``inputs_from_forward``, ``capture_clip``, ``optimizer_pre_hook``, ``start_step`` (the
     step a resumed run continues from), ``histogram_every`` (steps per histogram flush for the
     drift monitors, default 16; 0: no histograms), ``seq_len`` (top of the ``seq_length``
-    grid; default the first batch's sequence length).
+    grid; default the first batch's sequence length), ``token_loss`` (``"shifted"`` or
+    ``"aligned"``: how the ``labels`` passed to the model align with its output's ``logits``;
+    then the forward hook fills the ``token_loss`` histogram; default None: not filled, see
+    ``Watch.token_loss``).
     """
     return Watch(model, optimizer, run, **options)

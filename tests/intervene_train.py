@@ -3,6 +3,13 @@ of torchrun (gloo DDP).
 
     python tests/intervene_train.py --name NAME --socket PATH --ckpt-dir DIR --out PREFIX
         [--steps N] [--bad I,J,...] [--ckpt-every K] [--step-seconds S --slow-from STEP]
+        [--local-ckpt-rank R]
+
+``--socket`` may list several daemons' sockets (``A,B``): the ranks split between them in
+contiguous blocks, as ranks split between nodes, each node with its own daemon.
+``--local-ckpt-rank R`` gives rank R a checkpoint folder of its own (``DIR-rank<R>``, empty:
+rank 0 saves into DIR), as if DIR were a node-local disk on rank 0's node: R cannot load
+what rank 0 saved.
 
 Batches come from ``batch_at(index)``, a pure function of the data index (and rank), read
 through ``watch.data`` so a rewind's skips are honoured. Data index ``I`` in ``--bad`` is a
@@ -76,6 +83,7 @@ def main() -> None:
     p.add_argument("--step-seconds", type=float, default=0.0)
     p.add_argument("--slow-from", type=int, default=0)
     p.add_argument("--control-every", type=int, default=4)
+    p.add_argument("--local-ckpt-rank", type=int, default=-1)
     a = p.parse_args()
     torch.set_num_threads(1)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -86,8 +94,11 @@ def main() -> None:
     model, optimizer, schedule = make(a.steps)
     if distributed:
         model = torch.nn.parallel.DistributedDataParallel(model)
-    watch = runwatch.hooks.watch(model, optimizer, run=a.name, socket=a.socket, flush_every=1,
-                                 checkpoint_dir=a.ckpt_dir, scheduler=schedule,
+    sockets = a.socket.split(",")
+    world = dist.get_world_size() if distributed else 1
+    ckpt_dir = f"{a.ckpt_dir}-rank{rank}" if rank == a.local_ckpt_rank else a.ckpt_dir
+    watch = runwatch.hooks.watch(model, optimizer, run=a.name, socket=sockets[rank * len(sockets) // world],
+                                 flush_every=1, checkpoint_dir=ckpt_dir, scheduler=schedule,
                                  control_every=a.control_every)
 
     def source() -> Iterator[int]:

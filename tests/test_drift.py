@@ -15,6 +15,7 @@ from scipy.special import rel_entr
 from scipy.stats import chi2, norm
 
 from runwatch.daemon.drift import (
+    MAX_SHARDS,
     CoarseBins,
     DriftConfig,
     DriftMonitor,
@@ -441,3 +442,85 @@ def test_bad_counts_are_refused() -> None:
         mon.add(0, np.full(10, np.nan))
     with pytest.raises(ValueError, match="no values"):
         mon.freeze_reference(np.zeros(10))
+
+
+# --- references from a step range, restored bins, data shards ---------------------------------
+
+
+def test_reference_from_an_absolute_step_range() -> None:
+    """``reference_steps`` takes exactly the steps in the range, whatever warm-up says, and
+    freezes at its last step; steps before it are ignored."""
+    fine = 8
+    cfg = DriftConfig(lo=0.0, hi=1.0, fine=fine, bins=4, warmup_steps=1000, reference_steps=1000,
+                      min_reference_values=10_000, window_values=16)
+    mon = DriftMonitor("x", cfg, reference_steps=(20, 29))
+    junk = np.zeros(fine + 2, dtype=np.int64)
+    junk[-1] = 100
+    good = np.zeros(fine + 2, dtype=np.int64)
+    good[1 : fine + 1] = 1
+    for step in range(0, 20):
+        assert mon.add(step, junk) == [] and mon.phase == "warmup"
+    for step in range(20, 30):
+        mon.add(step, good)
+    ref = mon.reference
+    assert ref is not None and (ref.first_step, ref.last_step) == (20, 29) and ref.counts[-1] == 0
+    assert ref.m == 10 * fine  # min_reference_values does not apply to a range the user chose
+    [r] = [r for step in range(30, 32) for r in mon.add(step, good)]
+    assert r.psi == pytest.approx(0.0, abs=1e-12)
+    # A range that holds nothing is an error that names it, not a silent empty reference.
+    empty = DriftMonitor("y", cfg, reference_steps=(5, 6))
+    with pytest.raises(ValueError, match=r"'y'.*no values in its reference steps 5-6"):
+        empty.add(40, good)
+    with pytest.raises(ValueError, match="first <= last"):
+        DriftMonitor("z", cfg, reference_steps=(9, 3))
+
+
+def test_a_reference_restored_with_its_bins_judges_like_the_original() -> None:
+    cfg = DriftConfig(lo=-4, hi=4, warmup_steps=0, reference_steps=1, min_reference_values=1,
+                      window_values=512)
+    rng = np.random.default_rng(3)
+    ref_counts = fine_counts(rng.normal(size=20_000), -4, 4, 128)
+    a = DriftMonitor("a", cfg, ref_counts)
+    assert a.reference is not None
+    # Settings changed since (20 bins): a restored reference keeps the bins it was frozen with.
+    b = DriftMonitor("b", DriftConfig(**{**cfg.__dict__, "bins": 20}))
+    b.freeze_reference(a.reference.fine_counts, first_step=5, last_step=9, bins=a.reference.bins)
+    assert b.reference is not None and b.reference.bins == a.reference.bins
+    assert (b.reference.first_step, b.reference.last_step) == (5, 9)
+    window = fine_counts(rng.normal(0.3, 1, 600), -4, 4, 128)
+    [ra], [rb] = a.add(1, window), b.add(1, window)
+    assert ra.psi == rb.psi and ra.warn_threshold == rb.warn_threshold
+    with pytest.raises(ValueError, match="do not fit"):
+        DriftMonitor("c", DriftConfig(lo=0, hi=1, fine=16)).freeze_reference(
+            np.ones(18), bins=a.reference.bins)
+
+
+def test_shard_windows_name_the_shard_from_another_distribution() -> None:
+    """Shards are judged against the monitor's one reference in windows of their own: the shard
+    whose data is shifted is the worst, the healthy ones stay ok, and memory stays bounded."""
+    cfg = DriftConfig(lo=-6, hi=6, warmup_steps=0, reference_steps=1, min_reference_values=1,
+                      window_values=4096, shard_window_values=256)
+    rng = np.random.default_rng(11)
+    mon = DriftMonitor("seq", cfg, fine_counts(rng.normal(size=50_000), -6, 6, 128))
+    per_shard: dict[int, list[DriftResult]] = {}
+    step = 0
+    for _turn in range(6):
+        for shard in (3, 7, 12):
+            mean = 1.5 if shard == 7 else 0.0
+            step += 1
+            per_shard.setdefault(shard, []).extend(
+                mon.add_shard(shard, step, fine_counts(rng.normal(mean, 1, 128), -6, 6, 128)))
+    assert all(len(rs) == 3 for rs in per_shard.values())  # 6 x 128 values = 3 windows of 256
+    assert per_shard[7][-1].state == Tier.CRITICAL and per_shard[7][-1].monitor == "seq@shard7"
+    assert all(r.state == Tier.OK for s in (3, 12) for r in per_shard[s])
+    worst = mon.worst_shard(step)
+    assert worst is not None and worst[0] == 7 and worst[1].state == Tier.CRITICAL
+    # A shard not read for a while no longer counts; the others still do.
+    assert mon.worst_shard(step + 10_000) is None
+    # However many shards go by, at most MAX_SHARDS are followed.
+    for shard in range(1000, 1300):
+        mon.add_shard(shard, step, fine_counts(rng.normal(size=8), -6, 6, 128))
+    assert mon.shards_followed == MAX_SHARDS
+    # Before a reference exists nothing is judged.
+    fresh = DriftMonitor("f", cfg)
+    assert fresh.add_shard(1, 0, fine_counts(rng.normal(size=1000), -6, 6, 128)) == []

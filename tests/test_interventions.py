@@ -207,6 +207,16 @@ def cli_command(d: DaemonProcess, cid: int) -> dict[str, Any]:
 # -- the control channel and who may use it (raw hook connections, no training) --------------
 
 
+def hook_hello(raw: RawClient, run: str, rank: int = 0, world_size: int = 1, **extra: Any) -> dict[str, Any]:
+    """A current hook's HELLO: it offers the control channel (RawClient.hello speaks the older one)."""
+    raw.send(protocol.json_frame(Kind.HELLO, {
+        "protocol": 1, "role": "hook", "run": run, "rank": rank, "world_size": world_size, "host": "test",
+        "pid": os.getpid(), "hook_version": "test", "capabilities": ["commands", "events"], **extra}))
+    kind, payload = raw.read()
+    assert kind == Kind.WELCOME, payload
+    return protocol.decode_json(payload)
+
+
 def read_command(raw: RawClient) -> dict[str, Any]:
     kind, payload = raw.read()
     assert kind == Kind.COMMAND, (kind, payload)
@@ -215,7 +225,7 @@ def read_command(raw: RawClient) -> dict[str, Any]:
 
 def test_a_command_is_pushed_until_acknowledged_and_applied_once(daemon: DaemonProcess) -> None:
     raw = RawClient(daemon.socket)
-    raw.hello(run="ctl")
+    hook_hello(raw, "ctl")
     sent = cli_run(daemon, "pause", "ctl", "--wait", "0")
     assert sent.returncode == EXIT_PENDING  # nobody applied it yet
     command = read_command(raw)
@@ -223,7 +233,7 @@ def test_a_command_is_pushed_until_acknowledged_and_applied_once(daemon: DaemonP
     raw.close()  # gone without acknowledging: the next connection gets it again
 
     raw = RawClient(daemon.socket)
-    raw.hello(run="ctl")
+    hook_hello(raw, "ctl")
     assert read_command(raw)["id"] == command["id"]
     ack = {"type": "command", "origin": command["origin"], "id": command["id"], "action": "pause",
            "state": "applied", "step": 7, "result": {}, "detail": ""}
@@ -234,14 +244,14 @@ def test_a_command_is_pushed_until_acknowledged_and_applied_once(daemon: DaemonP
     raw.close()
 
     raw = RawClient(daemon.socket)
-    raw.hello(run="ctl")
+    hook_hello(raw, "ctl")
     raw.sock.settimeout(1.0)
     with pytest.raises(TimeoutError):
         raw.read()  # acknowledged: not pushed again
     raw.close()
     found = cli(daemon, "incident", "show", str(cli(daemon, "incidents")["incidents"][0]["id"]))
     assert [t["text"] for t in found["timeline"] if t["kind"] == "applied"] == [
-        "paused before step 7 on every rank (first to answer: rank 0)"]
+        "paused before step 7 on every rank (the run has one)"]
     assert cli(daemon, "checkpoints", "ctl")["control"]["state"] == "paused"
 
 
@@ -268,7 +278,7 @@ def test_malformed_events_are_refused_and_the_daemon_keeps_serving(daemon: Daemo
 
 def test_bad_control_requests_are_refused_with_the_reason(daemon: DaemonProcess) -> None:
     raw = RawClient(daemon.socket)
-    raw.hello(run="ctl2")
+    hook_hello(raw, "ctl2")
     raw.send(protocol.event_frame(1, {"type": "checkpoint", "step": 40, "path": "/c/step-40",
                                       "format": "runwatch", "size_bytes": 10, "saved_at": 1.0}))
     assert raw.read()[0] == Kind.ACK
@@ -291,7 +301,7 @@ def test_control_from_another_user_is_refused_and_logged(rootdir: Path) -> None:
     d = DaemonProcess(rootdir, env={"RUNWATCH_SOCKET_MODE": "0666"}).start()
     try:
         raw = RawClient(d.socket)
-        raw.hello(run="mine")  # the run belongs to this test's uid (root)
+        hook_hello(raw, "mine")  # the run belongs to this test's uid (root)
 
         # The interpreter lives under /root, which uid 65534 cannot enter: a forked child that
         # drops to uid 65534 asks instead, over a real connection (SO_PEERCRED says who it is).
@@ -333,7 +343,8 @@ def test_a_token_efficiency_drop_names_the_shard_verifies_it_and_a_person_skips_
     raw = RawClient(daemon.socket)
     raw.send(protocol.json_frame(Kind.HELLO, {
         "protocol": 1, "role": "hook", "run": "tokens", "rank": 0, "world_size": 1, "host": "t",
-        "pid": os.getpid(), "hook_version": "test", "data_dir": str(data)}))
+        "pid": os.getpid(), "hook_version": "test", "data_dir": str(data),
+        "capabilities": ["commands", "events"]}))
     assert raw.read()[0] == Kind.WELCOME
     names = ("data_shard", "token_efficiency")
     for step in range(210):  # past the rule's warm-up (its baseline is refreshed every 64 steps)

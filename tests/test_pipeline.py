@@ -137,7 +137,8 @@ def test_points_stored_and_exported_are_the_points_sent(daemon: DaemonProcess, r
 
 def test_cli_status_and_runs_json(daemon: DaemonProcess, rootdir: Path) -> None:
     record = rootdir / "r.jsonl"
-    proc = _train(daemon, "cli-run", 40, record, "--sleep", "0.05")
+    # Long enough to still be connected when the table is asked for (the test stops it after).
+    proc = _train(daemon, "cli-run", 2000, record, "--sleep", "0.05")
     try:
         deadline = time.monotonic() + 60
         runs: list = []
@@ -151,8 +152,9 @@ def test_cli_status_and_runs_json(daemon: DaemonProcess, rootdir: Path) -> None:
         assert runs[0]["steps_per_second"] > 0
         r = subprocess.run([sys.executable, "-m", "runwatch.daemon", "runs",
                             "--socket", str(daemon.socket)], capture_output=True, text=True)
-        assert "cli-run" in r.stdout and "1/1" in r.stdout
+        assert "cli-run" in r.stdout and "1/1" in r.stdout, r.stdout
     finally:
+        proc.kill()
         proc.communicate(timeout=120)
     r = subprocess.run([sys.executable, "-m", "runwatch.daemon", "status", "--json",
                         "--socket", str(daemon.socket)], capture_output=True, text=True)

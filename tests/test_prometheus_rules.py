@@ -99,7 +99,7 @@ def test_every_rule_of_the_default_pack_has_a_promql_version() -> None:
     # Drift (issue 9): the daemon's drift_state is already debounced, so RunwatchRuleFiring is
     # exact; a PromQL version on runwatch_train_drift_state waits until the live session below
     # trains past a drift reference (300+ steps by default) and can check the series exists.
-    forwarded_only = {"drift_warning", "drift_critical"}
+    forwarded_only = {"drift_warning", "drift_critical", "drift_shard_critical"}
     assert pack - forwarded_only <= covered, sorted(pack - forwarded_only - covered)
     assert covered <= pack, sorted(covered - pack)
 

@@ -4,6 +4,7 @@ pins, commands) are rows in a real store, as the daemon writes them."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -140,13 +141,24 @@ def test_protections_win_over_every_policy(world: dict[str, Any]) -> None:
 
 
 def test_a_pass_cut_off_after_renaming_a_marker_is_finished_by_the_next(world: dict[str, Any]) -> None:
-    folder = world["folder"]
+    """The cut-off checkpoints are whole: their markers go back and the new pass decides again, so
+    one still doomed is deleted and one pinned while the daemon was down is kept, unchanged."""
+    folder, conn = world["folder"], world["store"].conn
     doomed = save_runwatch(folder, 10)
+    pinned = save_runwatch(folder, 15)
+    hf = save_hf(folder, 17)
     save_runwatch(folder, 20)
-    os.rename(doomed / "COMPLETE", doomed / ("COMPLETE" + mgr.DELETING))  # then the daemon died
+    for path, marker in ((doomed, "COMPLETE"), (pinned, "COMPLETE"), (hf, "trainer_state.json")):
+        os.rename(path / marker, path / (marker + mgr.DELETING))  # then the daemon died
+    with conn:
+        conn.execute("INSERT INTO pins (run, step, created, created_by) VALUES ('r', 15, 0, 'uid 0')")
     report = manager(world).run_pass()  # a new daemon's first pass
-    assert str(doomed) in report.deleted and not doomed.exists()
-    assert names(folder) == {"step-000000020"}
+    assert sorted(report.restored) == sorted(str(p) for p in (doomed, pinned, hf))
+    assert set(report.deleted) == {str(doomed), str(hf)} and not doomed.exists()
+    assert names(folder) == {"step-000000015", "step-000000020"}
+    assert not list(pinned.glob(f"*{mgr.DELETING}"))
+    from runwatch.daemon import checkpoints as ck
+    ck.verify(ck.identify(pinned))  # whole, as saved
 
 
 def test_a_failing_purge_is_alerted_and_retried(world: dict[str, Any],
@@ -170,9 +182,15 @@ def test_a_failing_purge_is_alerted_and_retried(world: dict[str, Any],
     assert first.deleted == [str(folder / "step-000000010")] and first.purged == []
     assert any("Permission denied" in e for e in first.errors)
     assert [a["kind"] for a in alerts[0]] == ["purge_failed"]
+    # `runwatch checkpoints` lists it: in the trash, why it was deleted, why it is still there
+    [trash] = mgr.gone(world["store"].conn, "r")
+    assert (trash["state"], trash["step"], trash["reason"]) == ("trash", 10, "no policy keeps it")
+    assert trash["original"] == str(folder / "step-000000010") and trash["size_bytes"] > 0
+    assert Path(trash["path"]).parent == folder / mgr.TRASH and "Permission denied" in trash["note"]
     second = m.run_pass()
     assert len(second.purged) == 1 and not list((folder / mgr.TRASH).iterdir())
     assert alerts[1] == []  # resolved: the next pass no longer says so
+    assert mgr.gone(world["store"].conn, "r") == []  # purged: no longer listed
 
 
 def test_one_deleter_per_folder(world: dict[str, Any]) -> None:
@@ -203,6 +221,52 @@ def test_a_rewind_quarantines_what_it_abandoned(world: dict[str, Any]) -> None:
     assert sorted(report.quarantined) == [str(folder / "step-000000020"), str(folder / "step-000000030")]
     assert names(folder) == {"step-000000010", mgr.ABANDONED}
     assert manager(world, latest_k=5).run_pass().quarantined == []  # once per rewind
+    listed = mgr.gone(conn, "r")
+    assert [(g["step"], g["state"], g["incident"], g["path"]) for g in listed] == [
+        (s, "abandoned", 7, str(abandoned / f"step-{s:09d}")) for s in (20, 30)]
+    assert listed[0]["reason"] == "abandoned by the rewind to step 10 (incident 7)"
+    # Nothing of this was lost: runwatch moved it (no protected_checkpoint_lost for the newest, 30).
+    assert not any(a["kind"] == "protected_checkpoint_lost" for a in manager(world).run_pass().alerts)
+
+
+def _rewound(conn: Any, target: int, applied_step: int) -> None:
+    with conn:
+        conn.execute("INSERT INTO commands (id, run, action, args, created, created_by, incident_id, state,"
+                     " step, result, updated) VALUES (1, 'r', 'rewind', '{}', 0, 'rule', 7, 'applied', ?, ?,"
+                     " 0)", (applied_step, json.dumps({"checkpoint_step": target})))
+
+
+def test_a_rewind_points_the_resume_pointer_at_its_target(world: dict[str, Any]) -> None:
+    """DeepSpeed-style ``latest`` (a tag file) names the target after the rewind, not an
+    abandoned checkpoint, so a restarted trainer resumes from the clean one."""
+    folder, conn = world["folder"], world["store"].conn
+    for step in (10, 20, 30):
+        save_runwatch(folder, step)
+    (folder / "latest").write_text("step-000000030")
+    _rewound(conn, 10, 31)
+    manager(world, latest_k=5).run_pass()
+    assert (folder / "latest").read_text() == "step-000000010"
+    assert (folder / "step-000000010").is_dir() and not (folder / "step-000000030").exists()
+
+
+@pytest.mark.parametrize("pointer", ["symlink", "copy"])
+def test_a_rewind_points_lightning_last_ckpt_at_its_target(world: dict[str, Any], pointer: str) -> None:
+    folder, conn = world["folder"], world["store"].conn
+    for step in (10, 20, 30):
+        save_lightning(folder, step)
+    newest = folder / "epoch=0-step=30.ckpt"
+    if pointer == "symlink":
+        (folder / "last.ckpt").symlink_to(newest.name)
+    else:
+        shutil.copy2(newest, folder / "last.ckpt")
+    _rewound(conn, 10, 31)
+    manager(world, latest_k=5).run_pass()
+    target = folder / "epoch=0-step=10.ckpt"
+    assert not newest.exists()  # quarantined
+    if pointer == "symlink":
+        assert os.readlink(folder / "last.ckpt") == target.name
+    assert (folder / "last.ckpt").read_bytes() == target.read_bytes()
+    assert not list(folder.glob(".*runwatch-tmp"))
 
 
 def test_the_daemon_keeps_tiers_quarantines_after_a_rewind_and_honours_pins() -> None:
@@ -250,6 +314,15 @@ def test_the_daemon_keeps_tiers_quarantines_after_a_rewind_and_honours_pins() ->
         assert 30 not in on_disk  # nothing keeps it: gone
         plan = cli(d, "retention", "plan", "tiers")
         assert plan["delete"] == [] and plan["enabled"]
+        # `runwatch checkpoints` lists the quarantined ones too, with their incident.
+        gone = cli(d, "checkpoints", "tiers")["gone"]
+        assert [(g["step"], g["state"], g["incident"]) for g in gone] == [(105, "abandoned", 1),
+                                                                          (110, "abandoned", 1)]
+        table = subprocess.run([sys.executable, "-m", "runwatch.daemon", "checkpoints", "tiers", "--socket",
+                                str(d.socket)], capture_output=True, text=True, timeout=120, check=True)
+        assert "abandoned by the rewind to step 100 (incident 1)" in table.stdout
+        firing = cli(d, "alerts", "--run", "tiers")["firing"]
+        assert not any(a["rule"].startswith("retention_") for a in firing)  # the moves were runwatch's
         metrics = d.metrics_text()
         assert 'runwatch_retention_checkpoints{run="tiers",tier="pinned"} 1.0' in metrics
         assert "runwatch_retention_freed_bytes_total" in metrics
@@ -313,3 +386,113 @@ def test_best_n_keeps_the_checkpoints_with_the_best_stored_metric(world: dict[st
     reasons = {d["step"]: d["reason"] for d in mgr.decisions(store.conn, "r")}
     assert reasons[20] == "one of the best_n by best_metric"
     assert names(folder) == {"step-000000020", "step-000000040"}
+
+
+def _train_and_save(socket: Path, folder: Path, run: str, steps: int) -> None:
+    """A real hook: ``steps`` optimizer steps of a tiny model, a runwatch checkpoint after each."""
+    from runwatch.hooks.watch import Watch
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    w = Watch(model, opt, run, socket=socket, checkpoint_dir=folder, guard="off", flush_every=1)
+    try:
+        for _ in range(steps):
+            loss = model(torch.randn(4, 8)).pow(2).mean()
+            w.record_loss(loss)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            w.checkpoint()
+    finally:
+        w.close()
+
+
+def test_a_daemon_killed_in_the_middle_of_a_pass_is_finished_by_the_next() -> None:
+    """kill -9 of a real daemon while its pass is deleting: one checkpoint in the trash, one with
+    its marker renamed, the rest untouched. A new daemon on the same store and folder finishes the
+    pass: what the plan kept (pin, every Nth, latest) is all there and whole, everything it meant
+    to delete is gone and purged, and the store's listing matches the disk."""
+    from conftest import DaemonProcess, cli, short_tmpdir, wait_for
+
+    from runwatch.daemon import checkpoints as ck
+    from runwatch.daemon.store import Store
+
+    root = short_tmpdir()
+    folder = root / "ckpt"
+    policy = ("retention_quiet_seconds = 0\nretention_rescan_seconds = 0.3\n[playbook]\nenabled = false\n"
+              "[retention]\nevery_nth = 4\nrecent_hours = 0\nlatest_k = 2\nconfirm_steps = 0\n")
+    (root / "runwatch.toml").write_text(policy)
+    deleting = ["--config", str(root / "runwatch.toml")]
+    plan_only = [*deleting, "--retention-dry-run"]
+    try:
+        # 1. A daemon that only plans (deletes nothing): the run saves 16 checkpoints, step 6 is pinned.
+        d = DaemonProcess(root, plan_only).start()
+        _train_and_save(d.socket, folder, "crash", 16)
+        assert cli(d, "pin", "crash", "6")["pinned"]
+
+        def decided() -> list[dict[str, Any]]:
+            conn = Store.reader(d.store_path)
+            try:
+                return mgr.decisions(conn, "crash")
+            finally:
+                conn.close()
+        # (the store polled, not the CLI: each CLI call is a Python start)
+        wait_for(lambda: len(rows := decided()) == 16 and any(r["reason"] == "pinned" for r in rows),
+                 what="a pass over the 16 checkpoints after the pin")
+        plan = cli(d, "retention", "plan", "crash")
+        assert not plan["enabled"] and len(ck.scan(folder)) == 16  # --retention-dry-run: all still there
+        kept = {x["step"] for x in plan["decisions"] if x["keep"]}
+        doomed = {x["step"] for x in plan["decisions"] if not x["keep"]}
+        # every 4th by ordinal (1, 5, 9, 13), the pin, the latest 2
+        assert kept == {1, 5, 6, 9, 13, 15, 16}
+        d.terminate()
+        path = {c.step: c.path for c in ck.scan(folder)}
+
+        # 2. A deleting daemon, frozen by the fault knob after renaming its 3rd marker: kill -9.
+        d = DaemonProcess(root, deleting, env={"RUNWATCH_FAULT_RETENTION_HOLD_AFTER": "3"}).start()
+
+        def frozen() -> bool:
+            trash = folder / mgr.TRASH
+            return (path[4] / f"COMPLETE{mgr.DELETING}").exists() and trash.is_dir() and \
+                len(list(trash.iterdir())) == 2
+        wait_for(frozen, timeout=30, what="the pass to hold after its 3rd marker")
+        d.kill9()
+        on_disk = {c.step: c for c in ck.scan(folder)}
+        assert not on_disk[4].complete  # half-deleted: nothing counts it as a checkpoint
+        assert 2 not in on_disk and 3 not in on_disk  # moved to the trash, not purged
+        assert doomed - {2, 3, 4} <= {s for s, c in on_disk.items() if c.complete}  # not reached
+        assert all(on_disk[s].complete for s in kept)
+        conn = Store.reader(d.store_path)
+        in_trash = {r["step"]: r for r in mgr.gone(conn, "crash")}
+        conn.close()
+        assert {2, 3} <= set(in_trash) and in_trash[2]["state"] == "trash"
+
+        # 3. A new daemon on the same store and folder finishes the pass.
+        d = DaemonProcess(root, deleting).start()
+
+        def finished() -> bool:
+            steps = {r["step"] for r in decided()}
+            return steps == kept and not list((folder / mgr.TRASH).iterdir())
+        wait_for(finished, timeout=30, what="the next daemon to finish the pass")
+        reply = cli(d, "checkpoints", "crash")
+        assert reply["gone"] == []  # nothing left in the trash, no stale row from the cut-off move
+        on_disk = {c.step: c for c in ck.scan(folder)}
+        assert set(on_disk) == kept and all(c.complete for c in on_disk.values())
+        for step in kept:
+            ck.verify(on_disk[step])  # every byte as saved: the marker put back on step 4 went too
+        assert not any(path[s].exists() for s in doomed)
+        assert not list(folder.glob(f"*/*{mgr.DELETING}"))
+        rows = {r["step"]: r for r in reply["retention"]}
+        assert {r["path"] for r in rows.values()} == {str(c.path) for c in on_disk.values()}
+        assert all(r["keep"] for r in rows.values()), rows
+        # Never "writing": a restored marker keeps the folder's mtime. 16 was saved after the last
+        # step the daemon saw, so its confirmation window has not passed.
+        assert {s: r["state"] for s, r in rows.items()} == {
+            **{s: "clean" for s in kept}, 6: "pinned", 16: "complete"}
+        assert rows[6]["reason"] == "pinned"
+        assert f"{path[4]}: a pass was cut off after renaming its marker; marker restored" in d.log()
+    finally:
+        with contextlib.suppress(Exception):
+            d.terminate()
+        shutil.rmtree(root, ignore_errors=True)

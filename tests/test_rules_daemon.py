@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -47,7 +48,11 @@ class Sender:
 
     def __init__(self, daemon: DaemonProcess, run: str = "r") -> None:
         self.client = RawClient(daemon.socket)
-        self.client.hello(run=run)
+        # Today's HELLO: it offers the control channel, so the playbook may act on this run.
+        self.client.send(protocol.json_frame(protocol.Kind.HELLO, {
+            "protocol": 1, "role": "hook", "run": run, "rank": 0, "world_size": 1, "host": "test",
+            "pid": os.getpid(), "hook_version": "test", "capabilities": ["commands", "events"]}))
+        assert self.client.read()[0] == protocol.Kind.WELCOME
         self.seq = 0
 
     def send(self, step: int, **values: float) -> None:

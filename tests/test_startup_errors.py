@@ -74,7 +74,8 @@ def test_state_folder_on_a_full_disk_at_start(rootdir: Path) -> None:
 def test_disk_fills_while_running_then_space_returns(rootdir: Path) -> None:
     """Commits fail → frames are refused (never acked), the daemon lives on; nothing is lost."""
     with tiny_disk(rootdir / "disk", "2m") as disk:
-        d = DaemonProcess(rootdir, env={})
+        # No room on 2 MB for the space set aside for alerts (tests/test_store_full.py has one).
+        d = DaemonProcess(rootdir, env={"RUNWATCH_STORE_RESERVE_MB": "0"})
         d.state_dir = Path(disk)
         d.start()
         filler = Path(disk, "filler")

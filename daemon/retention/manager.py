@@ -17,8 +17,24 @@ A pass runs when watchdog reports a change in one of those folders and every
    ``abandoned/incident-N/`` rather than deleting them.
 
 State lives in the store (its own connection, like the notifier's outbox): decisions, ordinals
-(for "every Nth"), pins, quarantines. A pass interrupted by a restart is finished by the next:
-a checkpoint whose marker was renamed is moved to the trash, and the trash is purged.
+(for "every Nth"), pins, quarantines, and what left the folder (``retention_gone``: each entry
+in the trash with why it was deleted, each quarantined checkpoint with its incident, each
+protected checkpoint that something else deleted), which ``runwatch checkpoints RUN`` lists.
+
+A pass interrupted by a restart (even ``kill -9``) is finished by the next. A checkpoint moved
+to the trash is purged. A checkpoint whose marker was renamed but that was not moved yet is
+whole (nothing in it was touched): the next pass puts its marker back and decides again, so a
+checkpoint pinned or protected in the meantime is kept and one still doomed is deleted.
+
+Protected checkpoints that vanish without runwatch deleting them (Hugging Face's
+``save_total_limit``, Lightning's ``save_top_k``, a cleanup script) raise the alert
+``retention_protected_checkpoint_lost`` naming the checkpoint and the likely cause; it stays
+firing for :data:`LOST_ALERT_SECONDS`.
+
+Fault injection (tests only): ``RUNWATCH_FAULT_RETENTION_HOLD_AFTER=N`` makes a deleting pass
+stop for good right after renaming its Nth marker (before moving that checkpoint to the trash),
+holding the folder lock as a frozen process would, so a test can ``kill -9`` the daemon at
+exactly that point. Never set it in production.
 """
 
 from __future__ import annotations
@@ -52,6 +68,9 @@ TRASH = ".runwatch-trash"
 LOCK = ".runwatch-retention.lock"
 ABANDONED = "abandoned"
 DELETING = ".deleting"
+#: A protected checkpoint deleted by something else keeps its alert firing this long.
+LOST_ALERT_SECONDS = 3600.0
+FAULT_HOLD_ENV = "RUNWATCH_FAULT_RETENTION_HOLD_AFTER"
 #: The file whose presence makes each format complete: renamed away first on deletion.
 MARKERS = {ck.RUNWATCH: ck.MARKER, ck.HUGGINGFACE: ck.HF_TRAINER_STATE, ck.DCP: ck.DCP_METADATA}
 
@@ -64,6 +83,8 @@ class PassReport:
     deleted: list[str] = field(default_factory=list)
     quarantined: list[str] = field(default_factory=list)
     purged: list[str] = field(default_factory=list)
+    restored: list[str] = field(default_factory=list)
+    lost: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     alerts: list[dict[str, Any]] = field(default_factory=list)
 
@@ -99,6 +120,8 @@ class RetentionManager:
         self._watched: set[str] = set()
         self._purge_failures: dict[str, int] = {}
         self._refused: set[tuple[str, str]] = set()
+        self._hold_after = _fault_hold_after()
+        self._markers_renamed = 0
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -263,6 +286,9 @@ class RetentionManager:
                 for run in runs:
                     self._quarantine(run, folder, report)
                 self._purge(folder, report)
+        self._reconcile_gone(runs)
+        previous = [row for r in runs for row in self.conn.execute(
+            "SELECT path, step, keep, reason, incident, state FROM retention WHERE run = ?", (r,))]
         found = ck.scan(folder)
         complete = [c for c in found if c.complete]
         # Ordinals belong to the folder (stable whichever run saved into it).
@@ -286,10 +312,19 @@ class RetentionManager:
                 pinned=c.step in pins, resume_target=resume is not None and c.path == resume,
                 ordinal=ordinals.get(str(c.path)), metric=metric.get(c.step)))
         plan = pol.plan(candidates, policy, incidents, now)
+        self._notice_lost(runs, previous, found, pins, incidents, resume, report, now)
         for r in runs:
             report.plans[r] = plan
             self._record(r, candidates, plan, now)
         run = runs[0]
+        for r in runs:
+            lost = self.conn.execute(
+                "SELECT original, reason FROM retention_gone WHERE run = ? AND state = 'lost' AND moved >= ?"
+                " ORDER BY moved, original", (r, now - LOST_ALERT_SECONDS)).fetchall()
+            if lost:
+                text = f"{len(lost)} protected checkpoint(s) of {r} deleted outside runwatch: " + "; ".join(
+                    f"{path} ({why})" for path, why in lost)
+                report.alerts.append({"kind": "protected_checkpoint_lost", "run": r, "text": text})
         for incident in plan.no_rollback_target:
             text = f"incident {incident}: no clean checkpoint before it exists in {folder}"
             report.alerts.append({"kind": "no_rollback_target", "run": run, "incident": incident,
@@ -312,13 +347,21 @@ class RetentionManager:
         if dry or not doomed:
             return
         by_path = {str(c.path): c for c in found}
+        why = {d.path: d.text for d in plan.decisions}
+        saved = {c.path: c.saved_at for c in candidates}
         with self._folder_lock(folder) as held:
             if not held:
                 return
+            # Every trash row first, in one transaction (a commit per deletion costs seconds on a
+            # loaded disk); a row whose move never happens is dropped by the next pass's reconcile.
+            moved = self.clock()
+            dest = {path: folder / TRASH / f"{by_path[path].path.name}.{time.time_ns()}" for path in doomed}
+            self._gone([(r, str(dest[p]), p, by_path[p].step, by_path[p].size_bytes, saved[p], "trash",
+                         why[p], None, moved) for p in doomed for r in runs])
             for path in doomed:
                 c = by_path[path]
                 try:
-                    self._to_trash(c, folder)
+                    self._to_trash(c, folder, dest[path])
                 except OSError as exc:
                     report.errors.append(f"{path}: {exc}")
                     self._count_error("delete")
@@ -363,23 +406,51 @@ class RetentionManager:
         finally:
             os.close(fd)
 
-    def _to_trash(self, c: ck.Checkpoint, folder: Path) -> None:
-        trash = _real_folder(folder / TRASH, folder, create=True)
-        marker = MARKERS.get(c.format)
-        if marker is not None and (c.path / marker).exists():
-            os.rename(c.path / marker, c.path / (marker + DELETING))  # no longer complete, first
-        os.rename(c.path, trash / f"{c.path.name}.{time.time_ns()}")
+    def _to_trash(self, c: ck.Checkpoint, folder: Path, dest: Path) -> None:
+        """Rename ``c``'s marker away, then move it to ``dest`` in the trash. Its ``retention_gone``
+        row (what ``runwatch checkpoints`` lists as ``trash``) was written first; dropped on failure."""
+        try:
+            _real_folder(folder / TRASH, folder, create=True)
+            marker = MARKERS.get(c.format)
+            if marker is not None and (c.path / marker).exists():
+                os.rename(c.path / marker, c.path / (marker + DELETING))  # no longer complete, first
+                self._fault_point(c.path)
+            os.rename(c.path, dest)
+        except OSError:
+            with self.conn:
+                self.conn.execute("DELETE FROM retention_gone WHERE path = ?", (str(dest),))
+            raise
+
+    def _fault_point(self, path: Path) -> None:
+        """``RUNWATCH_FAULT_RETENTION_HOLD_AFTER`` (tests only): freeze here, as a hung process would."""
+        self._markers_renamed += 1
+        if self._hold_after and self._markers_renamed == self._hold_after:
+            log.warning("retention: fault injection (%s=%d): holding the pass after renaming the marker of"
+                        " %s", FAULT_HOLD_ENV, self._hold_after, path)
+            self._stop.wait()
+            raise RuntimeError(f"{FAULT_HOLD_ENV}: pass abandoned at {path}")
 
     def _finish_interrupted(self, folder: Path, report: PassReport) -> None:
-        """A checkpoint whose marker was renamed by a pass that did not finish goes to the trash."""
+        """A checkpoint whose marker a cut-off pass renamed, but did not move, is whole: put its
+        marker back (and the folder's mtime, so it is not taken for a write in progress) and let
+        this pass decide again: a pin or incident since then must win over the old decision."""
         with contextlib.suppress(FileNotFoundError):
             for entry in folder.iterdir():
-                if entry.is_dir() and not entry.is_symlink() and not entry.name.startswith(".") and \
-                        any((entry / (m + DELETING)).exists() for m in MARKERS.values()):
-                    trash = _real_folder(folder / TRASH, folder, create=True)
-                    os.rename(entry, trash / f"{entry.name}.{time.time_ns()}")
-                    report.deleted.append(str(entry))
-                    log.info("retention: finished deleting %s (a pass was interrupted)", entry)
+                if not entry.is_dir() or entry.is_symlink() or entry.name.startswith("."):
+                    continue
+                for marker in sorted(set(MARKERS.values())):
+                    stale = entry / (marker + DELETING)
+                    if not stale.is_file() or stale.is_symlink():
+                        continue
+                    st = entry.stat()
+                    if (entry / marker).exists():
+                        stale.unlink()  # its writer completed it again since; the old copy goes
+                    else:
+                        os.rename(stale, entry / marker)
+                    os.utime(entry, ns=(st.st_atime_ns, st.st_mtime_ns))
+                    report.restored.append(str(entry))
+                    log.info("retention: %s: a pass was cut off after renaming its marker; marker restored,"
+                             " deciding again", entry)
 
     def _purge(self, folder: Path, report: PassReport) -> None:
         trash = folder / TRASH
@@ -390,6 +461,14 @@ class RetentionManager:
         except OSError as exc:
             report.errors.append(str(exc))
             return
+        purged: list[str] = []
+        try:
+            self._purge_entries(trash, report, purged)
+        finally:
+            with self.conn:  # one transaction for the lot
+                self.conn.executemany("DELETE FROM retention_gone WHERE path = ?", [(p,) for p in purged])
+
+    def _purge_entries(self, trash: Path, report: PassReport, purged: list[str]) -> None:
         for entry in sorted(trash.iterdir()):
             try:
                 if entry.is_dir() and not entry.is_symlink():
@@ -401,12 +480,16 @@ class RetentionManager:
                 report.errors.append(f"{entry}: {exc}")
                 self._count_error("purge")
                 log.warning("retention: purging %s failed (%d times): %s", entry, n, exc)
+                with self.conn:
+                    self.conn.execute("UPDATE retention_gone SET note = ? WHERE path = ?",
+                                      (f"purge failed {n} time(s): {exc}; retried every pass", str(entry)))
                 if n in (1, 10, 100):
                     report.alerts.append({"kind": "purge_failed", "run": None,
                                           "text": f"cannot purge {entry} from the trash ({n} tries): {exc}"})
                 continue
             self._purge_failures.pop(str(entry), None)
             report.purged.append(str(entry))
+            purged.append(str(entry))
 
     def _quarantine(self, run: str, folder: Path, report: PassReport) -> None:
         """Move what a rewind abandoned (newer than its target) into abandoned/incident-N/."""
@@ -427,6 +510,10 @@ class RetentionManager:
                     try:
                         _real_folder(dest.parent, folder, create=True)
                         dest.mkdir(exist_ok=True)
+                        why = f"abandoned by the rewind to step {target}" + (
+                            f" (incident {incident})" if incident is not None else "")
+                        self._gone([(run, str(dest / c.path.name), str(c.path), c.step, c.size_bytes,
+                                     c.saved_at, "abandoned", why, incident, self.clock())])
                         os.rename(c.path, dest / c.path.name)
                     except OSError as exc:
                         report.errors.append(f"{c.path}: {exc}")
@@ -437,9 +524,74 @@ class RetentionManager:
                     report.quarantined.append(str(c.path))
                     log.info("retention: %s quarantined to %s (abandoned by rewind to step %d)",
                              c.path, dest, target)
+                kept = next((c for c in ck.scan(folder) if c.step == target), None)
+                if kept is not None:
+                    try:
+                        if moved := _point_resume_at(folder, kept.path):
+                            log.info("retention: %s now names %s, the rewind's target", moved, kept.path)
+                    except OSError as exc:
+                        report.alerts.append({"kind": "quarantine_failed", "run": run,
+                                              "text": f"could not point the resume pointer at {kept.path}:"
+                                                      f" {exc}"})
+                        self._count_error("quarantine")
             with self.conn:
                 self.conn.execute("INSERT OR IGNORE INTO retention_quarantines (command_id, time)"
                                   " VALUES (?, ?)", (cid, self.clock()))
+
+    def _gone(self, rows: list[tuple[Any, ...]]) -> None:
+        """Record what left a folder: (run, path, original, step, size_bytes, saved_at, state, reason,
+        incident, moved) rows of ``retention_gone``."""
+        with self.conn:
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO retention_gone (run, path, original, step, size_bytes, saved_at,"
+                " state, reason, incident, moved, note) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)", rows)
+
+    def _reconcile_gone(self, runs: list[str]) -> None:
+        """Drop ``retention_gone`` rows the disk no longer bears out: a trash or quarantine entry
+        that is gone (purged by hand, or a move a crash cut off), a lost checkpoint that is back."""
+        marks = ",".join("?" * len(runs))
+        rows = self.conn.execute(f"SELECT run, path, state FROM retention_gone WHERE run IN ({marks})", runs)
+        stale = [(run, path) for run, path, state in rows.fetchall()
+                 if os.path.lexists(path) == (state == "lost")]
+        if stale:
+            with self.conn:
+                self.conn.executemany("DELETE FROM retention_gone WHERE run = ? AND path = ?", stale)
+
+    def _notice_lost(self, runs: list[str], previous: list[tuple[Any, ...]], found: list[ck.Checkpoint],
+                     pins: set[int], incidents: list[pol.Incident], resume: Path | None, report: PassReport,
+                     now: float) -> None:
+        """Record each checkpoint the last pass protected that has vanished without runwatch moving
+        it, when its protection still holds: its step is pinned (whatever reason came first), it is
+        the rollback target of a still open incident, it was the newest complete one and nothing
+        newer is complete, or the resume pointer still names it."""
+        present = {str(c.path) for c in found}
+        ours = {p for (p,) in self.conn.execute(
+            f"SELECT original FROM retention_gone WHERE run IN ({','.join('?' * len(runs))})"
+            " AND state != 'lost'", runs)} | set(report.quarantined)
+        newest = max((c.step for c in found if c.complete), default=None)
+        open_incidents = {i.id for i in incidents}
+        lost: dict[str, tuple[int, str]] = {}
+        for path, step, keep, reason, incident, state in previous:
+            if not keep or path in present or path in ours or path in lost:
+                continue
+            why = _protection(reason, incident)
+            if state == "pinned" and step in pins:
+                reason = pol.Reason.PINNED.value  # pinned, even when another protection came first
+            elif why in (None, pol.Reason.INCOMPLETE, pol.Reason.PINNED) or \
+                    (why is pol.Reason.LATEST_COMPLETE and newest is not None and newest >= step) or \
+                    (why in (pol.Reason.ROLLBACK_TARGET, pol.Reason.ROLLBACK_TARGET_UNCONFIRMED)
+                     and incident not in open_incidents) or \
+                    (why is pol.Reason.RESUME_POINTER and resume is not None and str(resume) != path
+                     and resume.exists()):
+                continue
+            lost[path] = (step, f"{reason}; deleted outside runwatch, likely by {_likely_cause(Path(path))}")
+        if not lost:
+            return
+        self._gone([(r, p, p, step, None, None, "lost", why, None, now)
+                    for r in runs for p, (step, why) in lost.items()])
+        for path, (_step, why) in lost.items():
+            report.lost.append(path)
+            log.error("retention: protected checkpoint %s vanished: %s", path, why)
 
     def _count_error(self, kind: str) -> None:
         if self.metrics is not None:
@@ -459,6 +611,41 @@ def _real_folder(path: Path, folder: Path, create: bool = False) -> Path:
     if path.is_symlink() or not path.is_dir() or st.st_uid != folder.stat().st_uid:
         raise OSError(f"{path}: not a real folder owned like {folder}; refusing to use it")
     return path
+
+
+def _fault_hold_after() -> int:
+    """``RUNWATCH_FAULT_RETENTION_HOLD_AFTER`` as a count (0: unset); a clear error otherwise."""
+    raw = os.environ.get(FAULT_HOLD_ENV, "").strip()
+    if not raw:
+        return 0
+    try:
+        n = int(raw)
+    except ValueError:
+        n = -1
+    if n < 1:
+        raise ValueError(f"{FAULT_HOLD_ENV}={raw!r}: must be a positive integer (a fault-injection aid for"
+                         " tests: hold a deleting pass after renaming that many markers)")
+    return n
+
+
+def _protection(reason: str, incident: int | None) -> pol.Reason | None:
+    """The protection a stored decision text names, or None when a keep policy (or nothing) kept it."""
+    for r in pol.PROTECTIONS:
+        if reason == r.value.format(incident=incident):
+            return r
+    return None
+
+
+def _likely_cause(path: Path) -> str:
+    """What most likely deleted a checkpoint runwatch protected, by its format, with the fix."""
+    if path.name.startswith("checkpoint-"):
+        return ("the Hugging Face Trainer's own rotation (TrainingArguments.save_total_limit deletes the"
+                " oldest checkpoint-N folders): set save_total_limit=None and let runwatch's retention own"
+                " the folder")
+    if path.name.endswith(".ckpt"):
+        return ("Lightning's ModelCheckpoint(save_top_k=K), which deletes all but its best K:"
+                " set save_top_k=-1 and let runwatch's retention own the folder")
+    return "something other than runwatch (a cleanup script, a person, another tool)"
 
 
 def _state(c: pol.Candidate) -> str:
@@ -497,6 +684,38 @@ def _resume_target(folder: Path) -> Path | None:
     return None
 
 
+def _point_resume_at(folder: Path, target: Path) -> Path | None:
+    """After a rewind, make the trainer's resume pointer name the rewind's target, so that a
+    restarted trainer resumes from it and not from an abandoned checkpoint. Each pointer is
+    replaced atomically (written beside, then renamed). Returns the pointer changed, if any."""
+    latest = folder / "latest"
+    if latest.is_file() and not latest.is_symlink() and target.parent == folder:
+        if latest.read_text().strip() != target.name:
+            tmp = folder / ".latest.runwatch-tmp"
+            tmp.write_text(target.name)
+            os.replace(tmp, latest)
+            return latest
+        return None
+    last = folder / "last.ckpt"
+    if target.suffix != ".ckpt" or target == last:
+        return None
+    if last.is_symlink():
+        if os.readlink(last) in (target.name, str(target)):
+            return None
+        tmp = folder / ".last.ckpt.runwatch-tmp"
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        tmp.symlink_to(target.name)
+        os.replace(tmp, last)
+        return last
+    if last.is_file():  # save_last's full copy: what ckpt_path="last" loads
+        tmp = folder / ".last.ckpt.runwatch-tmp"
+        shutil.copy2(target, tmp)
+        os.replace(tmp, last)
+        return last
+    return None
+
+
 def ensure_schema(store: Store) -> None:
     """Retention's tables (called at daemon start, with the store's own schema)."""
     with store.conn:
@@ -509,6 +728,12 @@ def ensure_schema(store: Store) -> None:
             " ordinal INTEGER NOT NULL, PRIMARY KEY (run, path))")
         store.conn.execute(
             "CREATE TABLE IF NOT EXISTS retention_quarantines (command_id INTEGER PRIMARY KEY, time REAL)")
+        # What left the folder: 'trash' (path in .runwatch-trash, until purged), 'abandoned' (path in
+        # abandoned/incident-N/), 'lost' (a protected checkpoint deleted outside runwatch; path = original).
+        store.conn.execute(
+            "CREATE TABLE IF NOT EXISTS retention_gone (run TEXT NOT NULL, path TEXT NOT NULL, original TEXT,"
+            " step INTEGER, size_bytes INTEGER, saved_at REAL, state TEXT NOT NULL, reason TEXT,"
+            " incident INTEGER, moved REAL, note TEXT, PRIMARY KEY (run, path))")
         store.conn.execute(
             "CREATE TABLE IF NOT EXISTS pins (run TEXT NOT NULL, step INTEGER NOT NULL, created REAL,"
             " created_by TEXT, PRIMARY KEY (run, step))")
@@ -518,5 +743,16 @@ def decisions(conn: sqlite3.Connection, run: str) -> list[dict[str, Any]]:
     """The last pass's decision for each of ``run``'s checkpoints (any thread, own connection)."""
     cur = conn.execute("SELECT path, step, size_bytes, saved_at, health, state, keep, reason, incident,"
                        " decided FROM retention WHERE run = ? ORDER BY step, path", (run,))
+    keys = [d[0] for d in cur.description]
+    return [dict(zip(keys, row, strict=True)) for row in cur.fetchall()]
+
+
+def gone(conn: sqlite3.Connection, run: str) -> list[dict[str, Any]]:
+    """``run``'s checkpoints that left its folder and are still worth listing: in the trash (state
+    ``trash``, with why they were deleted and any purge failure in ``note``), quarantined by a
+    rewind (``abandoned``, with the incident), or deleted outside runwatch while protected
+    (``lost``, with the likely cause), oldest step first."""
+    cur = conn.execute("SELECT path, original, step, size_bytes, saved_at, state, reason, incident, moved,"
+                       " note FROM retention_gone WHERE run = ? ORDER BY step, path", (run,))
     keys = [d[0] for d in cur.description]
     return [dict(zip(keys, row, strict=True)) for row in cur.fetchall()]

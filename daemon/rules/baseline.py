@@ -18,7 +18,6 @@ import warnings
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
-from scipy.signal import lfilter
 
 from runwatch.daemon.rules.spec import Baseline
 
@@ -224,6 +223,10 @@ class Window:
             self.ema = state
             return center
         # No NaN here, so every column's state is set: an exact per-step filter over the batch.
+        # Imported here, not at the top: scipy.signal costs 1.5-3 s of every daemon start, and
+        # only rules with an EMA baseline (none in the default pack) need it.
+        from scipy.signal import lfilter
+
         y, _ = lfilter([a], [1.0, -(1.0 - a)], x, axis=0, zi=((1.0 - a) * state)[None, :])
         center = np.concatenate([state[None, :], y[:-1]])
         self.ema = y[-1]

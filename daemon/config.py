@@ -252,6 +252,10 @@ def load_settings(config: Path | str | None = None, **flags: Any) -> Settings:
         raise ConfigError(_describe(exc, toml_file, given)) from None
 
 
+#: Settings whose values are secrets (a receiver's token, webhook URL or routing key), by name.
+_SECRET_NAME = re.compile(r"(token|url|key|secret|password)[^.]*$")
+
+
 def _describe(exc: ValidationError, toml_file: Path | None, flags: dict[str, Any]) -> str:
     lines = []
     for err in exc.errors():
@@ -267,6 +271,10 @@ def _describe(exc: ValidationError, toml_file: Path | None, flags: dict[str, Any
             origin = "default"
         msg = "unknown setting" if err["type"] == "extra_forbidden" else err["msg"]
         value = err.get("input")
-        shown = "" if err["type"] == "extra_forbidden" else f" (got {value!r})"
+        # The value is echoed only when it is one plain setting that cannot be a secret: a whole
+        # table (a receiver's, for a check across its fields) holds its token, URL or key.
+        hidden = err["type"] == "extra_forbidden" or isinstance(value, dict | list) \
+            or _SECRET_NAME.search(name) is not None
+        shown = "" if hidden else f" (got {value!r})"
         lines.append(f"setting '{name}' from {origin}: {msg}{shown}")
     return "invalid configuration:\n  " + "\n  ".join(lines)

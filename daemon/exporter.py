@@ -134,6 +134,15 @@ class DaemonMetrics:
             "Failures while judging steps (logged; the steps are stored and acknowledged anyway).",
             registry=registry,
         )
+        self.query_errors = Counter(
+            "runwatch_query_errors",
+            "CLI queries answered with an error: refused (unknown op, bad arguments, not found) or"
+            " failed (the daemon failed answering; logged).",
+            ["kind"],
+            registry=registry,
+        )
+        for kind in ("refused", "failed"):
+            self.query_errors.labels(kind)
         self.control_refused = Counter(
             "runwatch_control_refused",
             "Pause/resume/rewind requests refused (not the run's owner or root, bad arguments).",
@@ -162,6 +171,10 @@ class DaemonMetrics:
         )
         for action in ("rolled", "pruned_raw", "pruned_rollup"):
             self.history_rows.labels(action)
+        self.repeated_steps = Counter(
+            "runwatch_ingest_repeated_steps",
+            "Steps sent again that were already stored (ignored): replays after a daemon restart, or a"
+            " relaunch whose step count started again.", registry=registry)
         self.history_backlog = Gauge(
             "runwatch_history_backlog_rows", "Stored steps not yet rolled up.", registry=registry)
         self.store_bytes = Gauge(

@@ -9,10 +9,13 @@ thread, every ``maintenance_seconds``, does two bounded pieces of work:
   finite values, their min and max, and the value of the bucket's last step. Partial buckets are
   merged, so a row that arrives late (a hook's spool replayed after an outage) still lands in
   its bucket. Progress is a rowid watermark in ``meta``: rows are rolled once, in insert order.
-* **prune** raw rows older than ``raw_hours`` (only rows already rolled) from the oldest end,
-  and rollups older than their own retention. SQLite reuses the freed pages, so the file levels
-  off instead of growing; it does not shrink (that would need a VACUUM, which we never run
-  because it can renumber rowids and stalls the writer).
+* **prune** raw rows stored more than ``raw_hours`` ago (only rows already rolled) from the
+  oldest end, and rollups older than their own retention. "Stored when" is the daemon's clock,
+  not the hook's: each pass notes (now, newest rowid) in ``history_marks``, and pruning takes
+  rowids up to the newest mark older than the window. A rank whose clock is off by days would
+  otherwise pin the oldest rows (nothing behind them pruned) or lose its own at once. SQLite
+  reuses the freed pages, so the file levels off instead of growing; it does not shrink (that
+  would need a VACUUM, which we never run because it can renumber rowids and stalls the writer).
 
 Each call does at most ``chunk_rows`` rows of each kind and says whether more is left, so the
 caller can spread a backlog over several writer turns and keep ingest lag low.
@@ -66,6 +69,9 @@ def create_tables(conn: sqlite3.Connection) -> None:
         " UNIQUE (stream_id, resolution, bucket, metric_set_id))"
     )
     conn.execute("CREATE INDEX IF NOT EXISTS rollups_age ON rollups (resolution, bucket)")
+    # When (daemon clock) the store held which rowids: raw retention is judged by this clock.
+    conn.execute("CREATE TABLE IF NOT EXISTS history_marks (time REAL PRIMARY KEY,"
+                 " rowid_seen INTEGER NOT NULL)")
 
 
 @dataclass
@@ -90,6 +96,9 @@ class History:
         s = self.settings()
         done = Pass()
         with conn:
+            now = self.clock()
+            conn.execute("INSERT OR REPLACE INTO history_marks VALUES (?, (SELECT coalesce(max(rowid), 0)"
+                         " FROM samples))", (now,))
             done.rolled = self._roll(conn, s.chunk_rows)
             done.pruned_raw = self._prune_raw(conn, s)
             done.pruned_rollups = self._prune_rollups(conn, s)
@@ -123,13 +132,17 @@ class History:
     # -- pruning ---------------------------------------------------------------------------
 
     def _prune_raw(self, conn: sqlite3.Connection, s: HistorySettings) -> int:
-        # From the oldest rows (in insert order) only: a bounded read however large the table.
-        cur = conn.execute(
-            "DELETE FROM samples WHERE rowid IN (SELECT rowid FROM"
-            " (SELECT rowid, time FROM samples ORDER BY rowid LIMIT ?)"
-            " WHERE time < ? AND rowid <= ? AND rowid < (SELECT max(rowid) FROM samples))",
-            (s.chunk_rows, self.clock() - s.raw_hours * 3600.0, watermark(conn)))
-        return cur.rowcount
+        cutoff = self.clock() - s.raw_hours * 3600.0
+        row = conn.execute("SELECT max(rowid_seen) FROM history_marks WHERE time <= ?", (cutoff,)).fetchone()
+        if row[0] is None:
+            return 0
+        conn.execute("DELETE FROM history_marks WHERE time < (SELECT max(time) FROM history_marks"
+                     " WHERE time <= ?)", (cutoff,))
+        # Oldest rowids first, through the rowid index: a bounded read however large the table.
+        return conn.execute(
+            "DELETE FROM samples WHERE rowid IN (SELECT rowid FROM samples WHERE rowid <= ? AND rowid <= ?"
+            " AND rowid < (SELECT max(rowid) FROM samples) ORDER BY rowid LIMIT ?)",
+            (row[0], watermark(conn), s.chunk_rows)).rowcount
 
     def _prune_rollups(self, conn: sqlite3.Connection, s: HistorySettings) -> int:
         pruned = 0

@@ -39,6 +39,9 @@ from runwatch.daemon.writer import Done, Write, Writer
 log = logging.getLogger("runwatch.ingest")
 
 _CREDS = struct.Struct("3i")
+#: One connection may hold at most 1/CONNECTION_SHARE of the in-flight budget (one frame always
+#: passes). A real hook keeps at most 64 frames unacknowledged, far below it.
+CONNECTION_SHARE = 16
 Query = Callable[[dict[str, Any]], dict[str, Any]]
 
 
@@ -59,6 +62,8 @@ class Connection:
     closed: bool = False
     name: str = field(default="")
     capabilities: frozenset[str] = frozenset()
+    # This connection's part of the in-flight budget (see CONNECTION_SHARE); hooks only.
+    share: InflightBudget | None = None
 
     acks: list[bytes] = field(default_factory=list)
 
@@ -313,8 +318,12 @@ class Ingest:
                 # Off the event loop: a query may wait on the store (or the notifier's lock).
                 reply = await asyncio.get_running_loop().run_in_executor(None, self._query, request)
             except Exception as exc:  # a bad query must not take the connection down
-                log.exception("query %r failed", request.get("op"))
+                log.exception("query %r failed", str(request.get("op"))[:64])
                 reply = {"error": f"query failed: {exc}"}
+                self._metrics.query_errors.labels("failed").inc()
+            else:
+                if "error" in reply:
+                    self._metrics.query_errors.labels("refused").inc()
             conn.send(protocol.json_frame(Kind.REPLY, reply))
             await conn.writer.drain()
 
@@ -369,7 +378,7 @@ class Ingest:
             if header is None:
                 break
             kind, size = header
-            await self._budget.acquire(size)
+            await self._reserve(conn, size)
             try:
                 payload = await self._read_body(conn, size, body_timeout)
                 if kind == Kind.EVENT and playbook is not None:
@@ -380,11 +389,29 @@ class Ingest:
                                         f"a hook connection may send SAMPLES or EVENT, not {kind.name}")
                 samples = self._decoder.decode(payload)
             except BaseException:
-                self._budget.release(size)
+                self._free(conn, size)
                 raise
             self._outstanding += 1
             self._all_acked.clear()
             self._writer.submit(Write(stream, samples, self._on_committed(conn, samples.seq, size)))
+
+    async def _reserve(self, conn: Connection, size: int) -> None:
+        """Take ``size`` bytes of the connection's share, then of the daemon's budget: one client
+        that floods (and never reads its ACKs) fills only its share, so the writer's queue never
+        holds more than that of its frames ahead of another run's."""
+        if conn.share is None:
+            conn.share = InflightBudget(max(1, self._budget.limit // CONNECTION_SHARE))
+        await conn.share.acquire(size)
+        try:
+            await self._budget.acquire(size)
+        except BaseException:
+            conn.share.release(size)
+            raise
+
+    def _free(self, conn: Connection, size: int) -> None:
+        self._budget.release(size)
+        if conn.share is not None:
+            conn.share.release(size)
 
     def _event(self, conn: Connection, stream: StreamInfo, playbook: Playbook, payload: bytes,
                size: int) -> None:
@@ -408,7 +435,7 @@ class Ingest:
 
     def _on_committed(self, conn: Connection, seq: int, size: int) -> Done:
         def done(error: BaseException | None) -> None:
-            self._budget.release(size)
+            self._free(conn, size)
             self._outstanding -= 1
             if not self._outstanding:
                 self._all_acked.set()

@@ -50,6 +50,7 @@ from typing import Any
 
 from runwatch.daemon.config import Playbook as PlaybookConfig
 from runwatch.daemon.manifest import ManifestError, verify_manifest
+from runwatch.daemon.protocol import STATEFUL_ACTIONS
 from runwatch.daemon.rules.engine import Event
 from runwatch.daemon.store import Store, StreamInfo
 
@@ -68,7 +69,6 @@ STACKS_EVERY_SECONDS = 300.0
 COMMAND_TTL_SECONDS = 24 * 3600.0
 #: Commands that change a run's training state: when one fails on any rank, every rank stays
 #: paused (a failed batch dump changes nothing, so training may go on after it).
-STATEFUL = frozenset({"pause", "resume", "rewind", "skip_shard"})
 #: What a daemon that does not own a run's interventions still does for its own ranks.
 NODE_LOCAL = frozenset({"dump_stacks"})
 
@@ -192,6 +192,7 @@ class Playbook:
         # must not take each other's command ids for their own.
         self.origin = _origin(self.conn)
         self._told_not_owner: set[str] = set()
+        self._told_no_commands: set[str] = set()
         self.escalations: dict[str, Event] = {}
         #: Runs paused now; read by the service's clock (replaced whole, never mutated).
         self.paused_runs: frozenset[str] = frozenset(
@@ -290,7 +291,9 @@ class Playbook:
             "UPDATE commands SET state = 'superseded', updated = ? WHERE run = ? AND state = 'pending'",
             (now, run)).rowcount
         before = self.conn.execute("SELECT state FROM run_control WHERE run = ?", (run,)).fetchone()
-        self._run_control(run, state="running", step=None)
+        # A new process starts at its own learning rate (x1 unless it restores a checkpoint that
+        # says otherwise, which its next registration reports).
+        self._run_control(run, state="running", step=None, lr_scale=1.0)
         self.phases = {k: v for k, v in self.phases.items() if k[0] != run}
         text = (f"relaunched: launch {new!r} connected (rank {stream.rank} on {stream.host or '?'}); the"
                 f" processes of launch {old!r} are gone. The new launch runs"
@@ -463,8 +466,8 @@ class Playbook:
         launch = self.launch(run)
         if launch is None or "commands" in launch[3]:
             return True
-        if run not in self._told_not_owner:
-            self._told_not_owner.add(run)
+        if run not in self._told_no_commands:
+            self._told_no_commands.add(run)
             log.warning("run %s: its hooks take no commands (written before the control channel); "
                         "no pause or rewind: a fault that needs one is escalated to a person", run)
         return False
@@ -639,7 +642,7 @@ class Playbook:
         out: list[Event] = []
         if state != "applied":
             text = f"{action} failed on rank(s) {', '.join(map(str, failed))} of {size}"
-            if action in STATEFUL:
+            if action in STATEFUL_ACTIONS:
                 self._run_control(run, state="paused", step=step)
                 text += "; every rank stays paused"
                 if action == "rewind" and len(failed) < size:
@@ -704,7 +707,10 @@ class Playbook:
         failed = sorted(r for r, st in answers.items() if st != "applied")
         if failed:
             return "failed", failed, size
-        return ("applied" if len(answers) >= size else None), [], size
+        # Without the ranks' agreement only this node's ranks answer here: wait for those.
+        here = self.connected_ranks(stream.run) if self.connected_ranks else size
+        expected = min(size, max(here, 1))
+        return ("applied" if len(answers) >= expected else None), [], size
 
     def _followed(self, stream: StreamInfo, e: dict[str, Any]) -> list[Event]:
         """A rank of this node applied a command of the daemon that owns its run: follow the
@@ -714,7 +720,7 @@ class Playbook:
         ok = not agreed.get("failed") if isinstance(agreed, dict) else e.get("state") == "applied"
         with_step = {"step": step} if isinstance(step, int) else {}
         if not ok:
-            if action in STATEFUL:
+            if action in STATEFUL_ACTIONS:
                 self._run_control(stream.run, state="paused", **with_step)
         elif action == "pause":
             self._run_control(stream.run, state="paused", **with_step)

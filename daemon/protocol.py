@@ -64,6 +64,8 @@ import numpy as np
 PROTOCOL_VERSION = 1
 #: Optional parts of version 1 that the two ends negotiate in HELLO / WELCOME.
 CAPABILITIES = ("commands", "events")
+#: Commands that change a run's training state: if one fails on any rank, every rank stays paused.
+STATEFUL_ACTIONS = frozenset({"pause", "resume", "rewind", "skip_shard"})
 HEADER = struct.Struct("<IB")
 SAMPLES_HEAD = struct.Struct("<QH")
 BLOCK_HEAD = struct.Struct("<IHI")
@@ -199,6 +201,8 @@ def decode_json(payload: bytes) -> dict[str, Any]:
         obj = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError("malformed", f"payload is not JSON: {exc}") from None
+    except RecursionError:  # "[[[[..." a few thousand deep: the stdlib parser recurses
+        raise ProtocolError("malformed", "payload is JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise ProtocolError("malformed", "payload must be a JSON object")
     return obj

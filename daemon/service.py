@@ -86,6 +86,29 @@ def drift_config(settings: Settings) -> DriftConfig:
     return DriftConfig(lo=0.0, hi=1.0, **settings.drift.model_dump(exclude={"references"}))
 
 
+#: Arguments several query ops read, and the type each must have when given (a CLI sends these;
+#: anything else reaching a handler would fail inside it, or inside SQLite, as an internal error).
+_INT_ARGS = ("limit", "id", "step")
+_STR_ARGS = ("run", "action", "comment")
+
+
+def bad_query(request: dict[str, Any]) -> str | None:
+    """Why a query's common arguments are unusable (None when they are fine)."""
+    op = request.get("op")
+    if not isinstance(op, str) or len(op) > 64:
+        return "op: give a query op (a short name such as 'status')"
+    for name in _INT_ARGS:
+        value = request.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or not -(2**63) <= value < 2**63):
+            return f"{op}: {name} must be an integer (64-bit), not {type(value).__name__}"
+    for name in _STR_ARGS:
+        value = request.get(name)
+        if value is not None and not isinstance(value, str):
+            return f"{op}: {name} must be a string, not {type(value).__name__}"
+    return None
+
+
 class StartupError(Exception):
     """The daemon cannot start; the message says what to fix."""
 
@@ -300,12 +323,16 @@ class Daemon:
             await asyncio.sleep(self.settings.history.maintenance_seconds)
             more = True
             while more:
+                if self._writer.reserve is not None and self._writer.reserve.full:
+                    break  # the disk is full: what is left of it belongs to alerts
                 try:
                     done = await asyncio.wrap_future(
                         self._writer.call(lambda store: self._maintain(history, store)))
-                except sqlite3.Error as exc:
-                    self.metrics.store_errors.labels(store_error_kind(exc)).inc()
-                    log.error("metric history maintenance failed: %s (retried next pass)", exc)
+                except Exception as exc:
+                    kind = store_error_kind(exc) if isinstance(exc, sqlite3.Error) else "other"
+                    self.metrics.store_errors.labels(kind).inc()
+                    log.error("metric history maintenance failed: %s (retried next pass)", exc,
+                              exc_info=not isinstance(exc, sqlite3.Error))
                     break
                 more = done.more
 
@@ -319,8 +346,9 @@ class Daemon:
         page = conn.execute("PRAGMA page_size").fetchone()[0]
         m.store_bytes.labels("file").set(conn.execute("PRAGMA page_count").fetchone()[0] * page)
         m.store_bytes.labels("free").set(conn.execute("PRAGMA freelist_count").fetchone()[0] * page)
-        m.history_backlog.set(conn.execute("SELECT count(*) FROM samples WHERE rowid > ?",
-                                           (history_mod.watermark(conn),)).fetchone()[0])
+        # About the rows not yet rolled (exact unless rows were refused in between); O(1).
+        newest = conn.execute("SELECT coalesce(max(rowid), 0) FROM samples").fetchone()[0]
+        m.history_backlog.set(max(0, newest - history_mod.watermark(conn)))
         return done
 
     def _retention_alerts(self, alerts: list[dict[str, Any]]) -> None:
@@ -408,6 +436,8 @@ class Daemon:
 
     def query(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request.get("op")
+        if (bad := bad_query(request)) is not None:
+            return {"error": bad}
         if op == "status":
             return self.status()
         if op == "runs":

@@ -358,9 +358,10 @@ class Store:
             self._metric_sets[names] = set_id
         return set_id
 
-    def insert_rows(self, rows: Iterable[tuple[int, int, float, int, bytes | memoryview]]) -> None:
-        """Rows of (stream_id, step, time, metric_set_id, data). Call inside a transaction."""
-        self.conn.executemany("INSERT OR IGNORE INTO samples VALUES (?, ?, ?, ?, ?)", rows)
+    def insert_rows(self, rows: Iterable[tuple[int, int, float, int, bytes | memoryview]]) -> int:
+        """Rows of (stream_id, step, time, metric_set_id, data). Call inside a transaction.
+        Returns how many were new (a step already stored is ignored)."""
+        return self.conn.executemany("INSERT OR IGNORE INTO samples VALUES (?, ?, ?, ?, ?)", rows).rowcount
 
     def touch_streams(self, last_seen: Sequence[tuple[float, int]]) -> None:
         self.conn.executemany("UPDATE streams SET last_seen = ? WHERE id = ?", last_seen)

@@ -75,6 +75,7 @@ class Writer:
     ) -> None:
         self.playbook: Playbook | None = None  # set once ingest exists (it delivers the commands)
         self.reserve: DiskReserve | None = None  # room kept for alerts when the disk fills
+        self._told_repeated: set[tuple[int, int]] = set()
         self.store = store
         self.engine = engine
         self.on_events = on_events
@@ -142,6 +143,15 @@ class Writer:
         started = time.perf_counter()
         store = self.store
         error: BaseException | None
+        reserve = self.reserve
+        if reserve is not None and reserve.full and not self._recovered(reserve):
+            # Nothing will be stored: judge the frames as sent, but do not derive series from
+            # them (a derived stage would count these steps and skip them on their resend).
+            self.metrics.store_errors.labels("disk_full").inc()
+            self._notify([(w.done, StoreFull(f"store {store.path}: disk full; history paused, alerts go on"))
+                          for w in writes])
+            self._judge_guarded(writes)
+            return
         for w in writes:
             for stage in (self.ranks, self.drift):
                 try:
@@ -154,12 +164,7 @@ class Writer:
                     continue
                 if blocks is not None:
                     w.samples = Samples(w.samples.seq, blocks)
-        reserve = self.reserve
-        if reserve is not None and reserve.full and not self._recovered(reserve):
-            error = StoreFull(f"store {store.path}: disk full; history paused, alerts go on")
-            self.metrics.store_errors.labels("disk_full").inc()
-        else:
-            error = self._insert(writes)
+        error = self._insert(writes)
         if error is None:
             # The live view only needs the newest block per (stream, metric set) of this commit.
             newest: dict[tuple[int, tuple[str, ...]], Block] = {}
@@ -179,23 +184,30 @@ class Writer:
         self._notify([(w.done, error) for w in writes])
         # Alerts take priority over history: steps the full disk refused are judged all the same
         # (the engine skips steps it has seen, so their resend after recovery is not judged twice).
-        if (error is None or (reserve is not None and reserve.full)) and self.engine is not None:
-            try:
-                self._judge(writes)
-            except Exception:
-                # The data is stored and acknowledged; a rule failing must not stop the writer.
-                self.metrics.rule_errors.inc()
-                log.exception("judging %d committed frames failed; the steps are stored", len(writes))
+        if error is None or (reserve is not None and reserve.full):
+            self._judge_guarded(writes)
+
+    def _judge_guarded(self, writes: list[Write]) -> None:
+        if self.engine is None:
+            return
+        try:
+            self._judge(writes)
+        except Exception:
+            # The data is stored and acknowledged (or, disk full, refused); a rule failing must
+            # not stop the writer.
+            self.metrics.rule_errors.inc()
+            log.exception("judging %d frames failed", len(writes))
 
     def _insert(self, writes: list[Write]) -> sqlite3.Error | None:
         store = self.store
+        repeated: list[tuple[StreamInfo, int, int]] = []
         try:
             with store.conn:
                 last_seen: dict[int, float] = {}
                 for w in writes:
                     for block in w.samples.blocks:
                         set_id = store.metric_set_id(block.names)
-                        store.insert_rows(
+                        new = store.insert_rows(
                             zip(
                                 repeat(w.stream_id),
                                 block.steps.tolist(),
@@ -205,6 +217,8 @@ class Writer:
                                 strict=False,
                             )
                         )
+                        if new < len(block.steps):
+                            repeated.append((w.stream, len(block.steps) - new, int(block.steps[0])))
                         last_seen[w.stream_id] = max(
                             last_seen.get(w.stream_id, 0.0), float(block.times[-1])
                         )
@@ -221,13 +235,28 @@ class Writer:
                 self.metrics.store_full.set(1)
                 log.error("store %s: the disk is full (%s). Sample history is paused: hooks keep their"
                           " steps and resend them; alerts go on in the %d MiB set aside. Free space on"
-                          " that disk (or shorten [history] raw_hours) and history resumes by itself.",
+                          " that disk and history resumes by itself (pruning cannot help: the file"
+                          " does not shrink).",
                           store.path, exc, self.reserve.size >> 20)
             else:
                 log.error("store commit of %d frames failed: %s (not acknowledged; hooks will resend)",
                           len(writes), exc)
             return exc
+        for stream, count, first in repeated:
+            self._repeated(stream, count, first)
         return None
+
+    def _repeated(self, stream: StreamInfo, count: int, first: int) -> None:
+        """Steps already stored were sent again: counted, and said once per process."""
+        self.metrics.repeated_steps.inc(count)
+        if (stream.id, stream.pid) in self._told_repeated:
+            return
+        self._told_repeated.add((stream.id, stream.pid))
+        log.warning("run %s rank %d (pid %d) sent %d step(s) from step %d that are already stored; they are"
+                    " ignored. After a daemon restart this is the hook resending what it could not know"
+                    " was stored. If this process is a relaunch whose step count started again, its"
+                    " steps are not stored or judged until it passes the old ones: give"
+                    " watch(start_step=...).", stream.run, stream.rank, stream.pid, count, first)
 
     def _recovered(self, reserve: DiskReserve) -> bool:
         if not reserve.recovered():

@@ -22,9 +22,10 @@ thread, which must only queue them (the training thread applies them at a step b
 Version skew: the HELLO offers the capabilities the hook speaks; EVENT frames go only to a
 daemon whose WELCOME granted ``events`` (others are dropped, counted in
 :attr:`Sender.dropped_events` and logged once: a daemon older than the control channel would
-close the connection on them and the replay would loop). A daemon older than the
-negotiation refuses the HELLO's new fields; the sender then connects with the plain HELLO
-(monitoring on, control off) instead of giving up.
+close the connection on them and the replay would loop), until the daemon sends a COMMAND,
+which only a daemon with the control channel does. A daemon older than the negotiation
+refuses the HELLO's new fields; the sender then connects with the plain HELLO (monitoring on,
+control on once it sends a command) instead of giving up.
 """
 
 from __future__ import annotations
@@ -441,6 +442,11 @@ class Sender:
                 if kind == Kind.ACK:
                     self._acked(protocol.ACK.unpack(payload)[0])
                 elif kind == Kind.COMMAND:
+                    if "events" not in self.daemon_capabilities:
+                        # A daemon that sends commands takes their answers: it has the control channel
+                        # and only predates the negotiation. Without answers it would push the same
+                        # command forever and take the paused run for a stalled one.
+                        self.daemon_capabilities = self.daemon_capabilities | {"commands", "events"}
                     command = protocol.decode_json(payload)
                     if self.on_command is not None:
                         self.on_command(command)

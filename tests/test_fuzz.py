@@ -117,3 +117,92 @@ def test_a_live_daemon_refuses_mutated_frames_and_keeps_serving_a_good_hook(daem
     print(f"\n150 mutated connections: {rejected} frames rejected and counted, {hung} left hanging")
     # Some mutations only change values and are valid frames; the rest are refused and counted.
     assert rejected >= 50 and hung == 0
+
+
+# -- the control API (CLI queries) --------------------------------------------------------------
+
+OPS = ["status", "runs", "alerts", "rules", "silence_add", "silences", "silence_expire", "notifications",
+       "control", "incidents", "incident", "command", "checkpoints", "pin", "unpin", "retention_plan",
+       "drift", "drift_freeze"]
+#: Every argument some op reads (peer_uid too: the daemon must overwrite it, never trust it).
+ARGS = ["run", "limit", "all", "id", "matchers", "seconds", "comment", "action", "params", "step",
+        "monitor", "rank", "steps", "from_run", "from_rank", "peer_uid"]
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.integers(-(2**80), 2**80) | st.floats()
+    | st.text(max_size=24) | st.sampled_from(["", "~(", "0:10", "10:0", "a:b", "*", "ddp", "../.."]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=8)
+REQUESTS = st.fixed_dictionaries({"op": st.sampled_from(OPS) | JSON}, optional={a: JSON for a in ARGS})
+
+
+class QueryConn:
+    """A CLI connection speaking raw QUERY frames; reconnects after the daemon closes it."""
+
+    def __init__(self, daemon: DaemonProcess) -> None:
+        self.daemon = daemon
+        self.raw: RawClient | None = None
+
+    def ask(self, payload: bytes) -> tuple[Kind, dict]:
+        if self.raw is None:
+            self.raw = RawClient(self.daemon.socket, timeout=20)  # a hang fails the test
+            self.raw.send(protocol.json_frame(Kind.HELLO, {"protocol": 1, "role": "cli", "pid": 1,
+                                                           "hook_version": "fuzz"}))
+            assert self.raw.read()[0] == Kind.WELCOME
+        self.raw.send(protocol.frame(Kind.QUERY, payload))
+        kind, body = self.raw.read()
+        if kind == Kind.ERROR:  # refused frame: the daemon closes this connection
+            self.raw.close()
+            self.raw = None
+        reply = json.loads(body)
+        assert isinstance(reply, dict)
+        return kind, reply
+
+
+def test_the_control_api_answers_any_request_with_a_reply_or_a_clear_error(daemon: DaemonProcess) -> None:
+    conn = QueryConn(daemon)
+    seen = {"replies": 0, "refused": 0, "malformed": 0}
+
+    def check(payload: bytes) -> None:
+        kind, reply = conn.ask(payload)
+        if kind == Kind.ERROR:
+            assert reply["error"] == "malformed" and reply["detail"], reply
+            seen["malformed"] += 1
+            return
+        assert kind == Kind.REPLY
+        seen["replies"] += 1
+        if "error" in reply:
+            # A clear refusal: not an internal failure of a handler (those say "query failed").
+            assert isinstance(reply["error"], str) and not reply["error"].startswith("query failed"), reply
+            seen["refused"] += 1
+
+    @settings(max_examples=500, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(REQUESTS)
+    def requests(request: dict) -> None:
+        check(json.dumps(request).encode())
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(JSON.filter(lambda x: not isinstance(x, dict)) | st.binary(max_size=64))
+    def not_objects(payload: object) -> None:
+        check(payload if isinstance(payload, bytes) else json.dumps(payload).encode())
+
+    requests()
+    not_objects()
+    # Huge fields, just under the 8 MB frame limit, and JSON nested past the parser's recursion.
+    for big in ({"op": "x" * (7 << 20)}, {"op": "runs", "run": "r" * (7 << 20)},
+                {"op": "alerts", "run": "r" * (7 << 20)},
+                {"op": "silence_add", "matchers": {"run": "~" + "a" * 100000}, "seconds": 60,
+                 "comment": "c" * (1 << 20)}):
+        check(json.dumps(big).encode())
+    check(b"[" * 100_000)
+    check(b'{"op": "status", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}")
+
+    # The daemon is up and still serving, nothing failed inside it, and every refusal is counted.
+    assert daemon.proc is not None and daemon.proc.poll() is None
+    assert daemon.query("status")["daemon"]["pid"] == daemon.proc.pid
+    metrics = daemon.metrics_text()
+    assert f'runwatch_query_errors_total{{kind="refused"}} {float(seen["refused"])}' in metrics
+    assert 'runwatch_query_errors_total{kind="failed"} 0.0' in metrics
+    assert daemon.status()["ingest"]["rejected_frames_total"].get("malformed", 0) == seen["malformed"]
+    assert "Traceback" not in daemon.log()
+    print(f"\ncontrol API: {sum(seen.values()) - seen['refused']} requests, {seen['refused']} refused with"
+          f" a reason, {seen['malformed']} not a JSON object (connection refused), 0 internal failures")

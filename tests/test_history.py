@@ -96,33 +96,46 @@ def test_rollups_agree_with_the_raw_steps_including_nonfinite_and_late_rows(tmp_
         history.points(conn, "run-a", 3, "loss", "1m")
 
 
-def test_pruning_keeps_the_raw_window_and_never_an_unrolled_row(tmp_path: Path) -> None:
+def test_pruning_keeps_the_raw_window_by_the_daemons_clock_and_never_an_unrolled_row(tmp_path: Path) -> None:
     store = _store(tmp_path)
     a = store.register_stream("run-a", 0, 1, "h", 1, 0, "t").id
-    steps = np.arange(3600)
-    times = T0 + steps  # one step a second for an hour
-    _insert(store, a, ("loss",), steps, times, np.ones((len(steps), 1)))
-    clock = Clock(T0 + 3600)
+    skewed = store.register_stream("run-a", 1, 2, "h", 1, 0, "t").id  # its clock is ten days fast
+    clock = Clock(T0)
     settings = HistorySettings(raw_hours=0.25, minute_days=1 / 24, hour_days=1, chunk_rows=500)
     h = History(lambda: settings, clock)
+    for minute in range(60):  # an hour, one step a second, arriving a minute at a time
+        steps = np.arange(minute * 60, minute * 60 + 60)
+        _insert(store, a, ("loss",), steps, T0 + steps, np.ones((60, 1)))
+        _insert(store, skewed, ("loss",), steps, T0 + 10 * 86400 + steps, np.ones((60, 1)))
+        clock.now = T0 + (minute + 1) * 60
+        _drain(h, store)
+    conn = Store.reader(store.path)
+    for rank in (0, 1):
+        raw = history.points(conn, "run-a", rank, "loss", "raw")
+        # Stored in the last 15 minutes of the daemon's clock (the pass at minute 45 saw up to 2699).
+        assert [p["step"] for p in raw] == list(range(2700, 3600)), rank
+        assert sum(p["steps"] for p in history.points(conn, "run-a", rank, "loss", "1m")) == 3600
 
-    # Rolled nothing yet: one pass rolls a chunk and prunes only rows inside it.
-    done = h.maintain(store.conn)
-    assert done.rolled == 500 and done.pruned_raw == 500 and done.more
-    _drain(h, store)
-    raw = history.points(Store.reader(store.path), "run-a", 0, "loss", "raw")
-    assert [p["step"] for p in raw] == list(range(2700, 3600))  # the last 15 minutes, exactly
-    minutes = history.points(Store.reader(store.path), "run-a", 0, "loss", "1m")
-    assert sum(p["steps"] for p in minutes) == 3600  # the pruned steps live on in the rollups
+    # Rolled-up rows only: with a backlog not yet rolled, one pass prunes no further than it rolled.
+    store2 = _store(tmp_path / "second")
+    b = store2.register_stream("run-b", 0, 1, "h", 1, 0, "t").id
+    clock.now = T0
+    h2 = History(lambda: settings, clock)
+    h2.maintain(store2.conn)  # a mark before anything is stored
+    _insert(store2, b, ("loss",), np.arange(3000), T0 + np.arange(3000), np.ones((3000, 1)))
+    h2.maintain(store2.conn)  # rolls 500
+    clock.now = T0 + 3600
+    done = h2.maintain(store2.conn)
+    assert done.rolled == 500 and done.pruned_raw == 500 and done.more  # the first 500 only
+    assert store2.conn.execute("SELECT min(step) FROM samples").fetchone()[0] == 500
 
-    # Two hours later the minute rollups are past their day-fraction and go; hours stay.
+    # Two hours on, the minute rollups are past their retention and go; hours stay.
     clock.now = T0 + 3 * 3600
     _drain(h, store)
-    conn = Store.reader(store.path)
     assert history.points(conn, "run-a", 0, "loss", "1m") == []
     assert [p["steps"] for p in history.points(conn, "run-a", 0, "loss", "1h")] == [3600]
     # The newest row is never pruned, so new rows keep getting rowids above the watermark.
-    assert [p["step"] for p in history.points(conn, "run-a", 0, "loss", "raw")] == [3599]
+    assert [p["step"] for p in history.points(conn, "run-a", 1, "loss", "raw")] == [3599]
     _insert(store, a, ("loss",), np.array([5000]), np.array([clock.now]), np.ones((1, 1)))
     _drain(h, store)
     assert history.points(conn, "run-a", 0, "loss", "1h")[-1]["first_step"] == 5000

@@ -67,11 +67,17 @@ def test_a_relaunch_runs_instead_of_inheriting_the_pause_and_closes_the_old_inci
                     if a["rule"] == "playbook_escalation" and a["state"] == "resolved"]
         assert resolved and "relaunched as launch" in resolved[0]["summary"]
         assert "run again relaunched: launch" in d.log()
+        # The second launch counted its steps from 0 again, below what launch 1 stored: those steps
+        # are not stored, and the daemon says so (known limit: give watch(start_step=...)).
+        assert "that are already stored; they are ignored" in d.log()
+        metric = "runwatch_ingest_repeated_steps_total "
+        [line] = [x for x in d.metrics_text().splitlines() if x.startswith(metric)]
+        assert float(line.split()[1]) > 0
     finally:
         d.terminate()
 
 
-def test_a_hook_from_before_the_control_channel_is_watched_but_never_sent_commands(
+def test_a_hook_that_offers_no_capabilities_is_watched_but_never_sent_commands(
         daemon: DaemonProcess) -> None:
     old = RawClient(daemon.socket)
     welcome = old.hello(run="old-hook")  # the HELLO hooks sent before capabilities existed

@@ -249,6 +249,19 @@ def test_a_rewind_points_the_resume_pointer_at_its_target(world: dict[str, Any])
     assert (folder / "step-000000010").is_dir() and not (folder / "step-000000030").exists()
 
 
+def test_a_rewind_leaves_a_pointer_to_a_checkpoint_saved_after_it(world: dict[str, Any]) -> None:
+    """The trainer saved step 40 after the rewind (applied before step 31) and pointed at it before
+    retention's pass: that is where a restart must resume, not the rewind's target."""
+    folder, conn = world["folder"], world["store"].conn
+    for step in (10, 20, 30, 40):
+        save_runwatch(folder, step)
+    (folder / "latest").write_text("step-000000040")
+    _rewound(conn, 10, 31)
+    manager(world, latest_k=5).run_pass()
+    assert not (folder / "step-000000030").exists()  # abandoned, quarantined
+    assert (folder / "latest").read_text() == "step-000000040"
+
+
 @pytest.mark.parametrize("pointer", ["symlink", "copy"])
 def test_a_rewind_points_lightning_last_ckpt_at_its_target(world: dict[str, Any], pointer: str) -> None:
     folder, conn = world["folder"], world["store"].conn

@@ -88,7 +88,8 @@ def test_a_full_disk_pauses_history_not_alerts_and_loses_nothing(
                  "the spike's Slack message while the disk is full")
         conn = Store.reader(d.store_path)
         [(stored,)] = conn.execute("SELECT count(*) FROM samples").fetchall()
-        assert stored < 61  # history really was refused
+        assert stored < 61  # history really was refused, the spike's step too: the alert came from
+        assert conn.execute("SELECT count(*) FROM samples WHERE step = 60").fetchone()[0] == 0  # memory
         assert conn.execute("SELECT count(*) FROM alert_events WHERE rule = 'spike'").fetchone()[0] == 1
 
         filler.unlink()  # space comes back

@@ -524,8 +524,11 @@ class RetentionManager:
                     report.quarantined.append(str(c.path))
                     log.info("retention: %s quarantined to %s (abandoned by rewind to step %d)",
                              c.path, dest, target)
-                kept = next((c for c in ck.scan(folder) if c.step == target), None)
-                if kept is not None:
+                present = ck.scan(folder)
+                kept = next((c for c in present if c.step == target), None)
+                # A checkpoint saved after the rewind is what the trainer resumes from now: leave
+                # the pointer to it (moving it back would throw that work away on a restart).
+                if kept is not None and not any(c.step > applied_step for c in present):
                     try:
                         if moved := _point_resume_at(folder, kept.path):
                             log.info("retention: %s now names %s, the rewind's target", moved, kept.path)

@@ -9,6 +9,10 @@ Formats recognised directly inside a checkpoint folder (one level, never recursi
 ``runwatch``     ``step-<N>/`` written by ``runwatch.hooks.checkpoint.save``: ``state.pt``,
                  ``manifest.json`` (size and sha256 of every file) and the marker ``COMPLETE``,
                  written last. In-progress saves live in ``.tmp-step-*`` and are never listed.
+                 A sharded model's checkpoint (``"layout": "dcp"`` in the manifest) holds a
+                 ``torch.distributed.checkpoint`` folder's files (``.metadata``, one
+                 ``__<rank>_<i>.distcp`` per writing rank) beside ``state.pt`` and one
+                 ``rng-rank<R>.pt`` per rank, every one of them in the manifest.
 ``huggingface``  Trainer's ``checkpoint-<N>/``: complete once ``trainer_state.json`` and a weights
                  file exist (Trainer writes ``trainer_state.json`` after the weights, optimizer
                  and scheduler). ``tmp-checkpoint-*`` is ignored.
@@ -58,6 +62,8 @@ HF_TRAINER_STATE = "trainer_state.json"
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 HF_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 DCP_METADATA = ".metadata"
+#: The manifest's ``layout`` of a runwatch checkpoint of a sharded model.
+DCP_LAYOUT = "dcp"
 
 
 class CheckpointError(Exception):
@@ -204,9 +210,14 @@ def identify(path: Path) -> Checkpoint | None:
     if name.startswith("."):
         return None  # runwatch's .tmp-step-* (in-progress saves) and anything hidden
 
-    # A DCP folder may be named step-100 too; its .metadata tells them apart.
+    # A DCP folder may be named step-100 too; its .metadata tells them apart, unless runwatch
+    # wrote it (a sharded save): then state.pt is there, and a missing COMPLETE (a save cut off,
+    # retention renaming the marker away first) must read as an incomplete runwatch checkpoint,
+    # never as a complete DCP one.
     runwatch_name = _RUNWATCH_NAME.fullmatch(name)
-    if runwatch_name and (not (path / DCP_METADATA).exists() or (path / MARKER).exists()):
+    if runwatch_name and (
+        not (path / DCP_METADATA).exists() or (path / MARKER).exists() or (path / STATE).exists()
+    ):
         complete = (path / MARKER).is_file()
         saved_at = _mtime(path)
         if complete:
@@ -311,6 +322,19 @@ def _verify_runwatch(ckpt: Checkpoint) -> None:
             relative = (Path(root) / name).relative_to(path).as_posix()
             if relative not in listed:
                 raise CheckpointError(f"{path}: unlisted extra file {relative} (not in {MANIFEST})")
+
+
+def manifest_layout(ckpt: Checkpoint) -> str | None:
+    """How a runwatch checkpoint holds the model: :data:`DCP_LAYOUT` (a sharded model's
+    ``torch.distributed.checkpoint`` files) or None (one ``state.pt``). Read from the manifest,
+    which :func:`verify` has checked against the marker; None when it cannot be read."""
+    if ckpt.format != RUNWATCH:
+        return None
+    try:
+        layout = json.loads((ckpt.path / MANIFEST).read_bytes()).get("layout")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return layout if isinstance(layout, str) else None
 
 
 def _verify_huggingface(ckpt: Checkpoint) -> None:

@@ -9,8 +9,20 @@ marker last, then the folder is renamed to ``step-<N>/``. A crash at any point l
 ``step-<N>`` or a whole one. Call :func:`save` from one process (rank 0 under DDP): the RNG
 states it records are that process's.
 
+A sharded model (its parameters are DTensors: FSDP2 ``fully_shard``, tensor parallel) is saved
+and loaded through ``torch.distributed.checkpoint`` instead, and then :func:`save`,
+:func:`load` and :func:`restore_latest_clean` are collective: every rank calls them, in the
+same order. Each rank writes its own shards and its RNG states (``rng-rank<R>.pt``) into one
+``.tmp-step-<N>-<pid of rank 0>/`` in a folder every rank shares; rank 0 writes ``state.pt``
+(step, scheduler, data position, extra), the manifest (with every rank's files) and the
+marker, then renames. The ranks agree on every outcome, so they all return the same
+checkpoint or all raise the same error; none is left waiting in a collective.
+
 Loading never unpickles Python objects: every file goes through ``torch.load(weights_only=True)``
-(or safetensors), so a checkpoint from an untrusted place cannot run code. Before anything is
+(or safetensors), so a checkpoint from an untrusted place cannot run code. DCP's own reader
+would unpickle ``.metadata`` and its non-tensor values freely; runwatch reads ``.metadata``
+with an unpickler that builds only DCP's metadata records, and the values with
+``weights_only=True``. Before anything is
 changed, the checkpoint is verified (:func:`runwatch.daemon.checkpoints.verify`) and its model
 keys and shapes and optimizer groups are checked against the objects given, so a refused load
 leaves the model, optimizer, scheduler and RNGs as they were.
@@ -18,7 +30,10 @@ leaves the model, optimizer, scheduler and RNGs as they were.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
+import io
 import json
 import logging
 import os
@@ -38,6 +53,8 @@ import torch
 
 from runwatch.daemon.checkpoints import (
     DCP,
+    DCP_LAYOUT,
+    DCP_METADATA,
     HF_TRAINER_STATE,
     HF_WEIGHT_INDEXES,
     HUGGINGFACE,
@@ -48,13 +65,17 @@ from runwatch.daemon.checkpoints import (
     STATE,
     Checkpoint,
     CheckpointError,
+    file_sha256,
     folder_name,
     identify,
+    inside,
     latest_clean,
+    manifest_layout,
     verify,
 )
 
-__all__ = ["Checkpoint", "CheckpointError", "Restored", "load", "restore_latest_clean", "save"]
+__all__ = ["Checkpoint", "CheckpointError", "Restored", "is_sharded", "load", "restore_latest_clean", "save",
+           "sharded_load_refused"]
 
 log = logging.getLogger("runwatch.hooks")
 
@@ -172,6 +193,7 @@ def save(
     scheduler: Any = None,
     data_position: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
+    process_group: Any = None,
 ) -> Checkpoint:
     """Save ``folder/step-<N>/`` atomically and return it.
 
@@ -179,10 +201,19 @@ def save(
     torch, CUDA, Python and numpy RNG states, ``step``, and ``data_position`` / ``extra`` (plain
     dicts of str, numbers, lists and tensors). Refuses with CheckpointError when ``step-<N>``
     exists already: a checkpoint is never overwritten. On failure nothing is left behind.
+
+    A sharded model (:func:`is_sharded`) is saved through torch.distributed.checkpoint by every
+    rank of ``process_group`` (default: the default group), which must all call this with the
+    same ``folder`` (shared by all) and ``step``; each returns the checkpoint or raises the same
+    CheckpointError.
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise ValueError(f"step must be an int >= 0, not {step!r}")
     folder = Path(folder)
+    if is_sharded(model):
+        return _save_sharded(folder, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                             data_position=dict(data_position or {}), extra=dict(extra or {}),
+                             process_group=process_group)
     final = folder / folder_name(step)
     if os.path.lexists(final):
         raise CheckpointError(f"{final}: already exists; runwatch never overwrites a checkpoint")
@@ -545,6 +576,7 @@ def load(
     scheduler: Any = None,
     restore_rng: bool = True,
     map_location: Any = None,
+    process_group: Any = None,
 ) -> Restored:
     """Restore ``model`` (and ``optimizer``, ``scheduler``, the RNGs when given / asked) from the
     checkpoint at ``path``: a runwatch ``step-<N>/``, a Hugging Face ``checkpoint-<N>/`` or a
@@ -552,9 +584,19 @@ def load(
 
     Verifies the checkpoint first and checks that it fits the objects given before changing any
     of them. Raises CheckpointError, naming the path and the reason, for any failure, including
-    a file that holds pickled objects (refused, never unpickled) and DCP folders (restore those
-    with ``torch.distributed.checkpoint.load`` under the layout that saved them).
+    a file that holds pickled objects (refused, never unpickled) and DCP folders runwatch did not
+    write (restore those with ``torch.distributed.checkpoint.load`` under the layout that saved
+    them).
+
+    A sharded model loads only runwatch's sharded checkpoints, on every rank of
+    ``process_group`` at once (collective: each rank reads its own shards; the ranks agree on
+    the checkpoint first, so all load it or all raise the same error). A model that is not
+    sharded loads one in this process alone, whole tensors gathered from the shards.
+    ``map_location`` does not apply to sharded checkpoints: tensors land where the model's are.
     """
+    if is_sharded(model):
+        return _load_dcp(path, model=model, optimizer=optimizer, scheduler=scheduler,
+                         restore_rng=restore_rng, process_group=process_group)
     ckpt = _checkpoint_at(path)
     if ckpt.format == DCP:
         raise CheckpointError(
@@ -562,6 +604,9 @@ def load(
             "torch.distributed.checkpoint.load under the parallel layout that saved it"
         )
     verify(ckpt)
+    if manifest_layout(ckpt) == DCP_LAYOUT:
+        return _load_dcp(ckpt, model=model, optimizer=optimizer, scheduler=scheduler,
+                         restore_rng=restore_rng, process_group=process_group)
     try:
         plan = _PLANNERS[ckpt.format](
             ckpt, optimizer=optimizer, scheduler=scheduler, restore_rng=restore_rng, map_location=map_location
@@ -588,23 +633,33 @@ def restore_latest_clean(folder: PathLike, *, before_step: int | None = None, **
     verification and loads; ``load_kwargs`` go to :func:`load` (``model=`` at least).
 
     Each checkpoint refused on the way is logged on ``runwatch.hooks`` with its reason, then
-    the one restored. Raises CheckpointError when none is left.
+    the one restored. Raises CheckpointError when none is left. For a sharded model it is
+    collective like :func:`load`: the ranks try the same checkpoints in step, and all stop when
+    any rank has none left.
     """
     folder = Path(folder)
     passed_over: list[Path] = []
     refused_names: list[str] = []
+    sharded = is_sharded(load_kwargs.get("model"))
     while True:
         ckpt, refused = latest_clean(folder, before_step=before_step, exclude=passed_over)
         for bad, reason in refused:
             log.warning("runwatch: checkpoint %s refused: %s", bad.path.name, reason)
             passed_over.append(bad.path)
             refused_names.append(bad.path.name)
+        where = f" before step {before_step}" if before_step is not None else ""
+        tried = f" (refused: {', '.join(refused_names)})" if refused_names else ""
         if ckpt is None:
-            where = f" before step {before_step}" if before_step is not None else ""
-            tried = f" (refused: {', '.join(refused_names)})" if refused_names else ""
+            if sharded and torch.distributed.is_initialized():
+                # The others may still have one to try: tell them to stop rather than leave them waiting.
+                with contextlib.suppress(CheckpointError):
+                    _agree_to_load(None, f"{folder}: no clean checkpoint{where}",
+                                   load_kwargs.get("process_group"), none_left=True)
             raise CheckpointError(f"{folder}: no clean checkpoint{where}{tried}")
         try:
             restored = load(ckpt, **load_kwargs)
+        except _NoneLeft:
+            raise CheckpointError(f"{folder}: no clean checkpoint{where} on every rank{tried}") from None
         except CheckpointError as exc:
             # It passed verify() but does not load here (pickled objects, another model): go on
             # to an older one as with any refused checkpoint.
@@ -622,3 +677,453 @@ def restore_latest_clean(folder: PathLike, *, before_step: int | None = None, **
         else:
             log.info("runwatch: restored checkpoint %s (step %d)", ckpt.path.name, restored.step)
         return restored
+
+
+# ------------------------------------------------------------- sharded (torch.distributed.checkpoint)
+
+RNG_FILE = "rng-rank{rank:05d}.pt"
+_DCP_SHARD = re.compile(r"__(\d+)_\d+\.distcp")
+_RNG_NAME = re.compile(r"rng-rank(\d+)\.pt")
+
+
+def is_sharded(model: torch.nn.Module | None) -> bool:
+    """Whether ``model`` has DTensor parameters (FSDP2 ``fully_shard``, tensor parallel): then
+    :func:`save` and :func:`load` go through torch.distributed.checkpoint and are collective.
+    Walks the parameters: call it at a save or load, not every step."""
+    if model is None or not torch.distributed.is_available():
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without DTensor cannot have sharded a model this way
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _group_rank_size(group: Any) -> tuple[int, int]:
+    dist = torch.distributed
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _all_gather(value: Any, group: Any) -> list[Any]:
+    """Every rank's ``value``. all_gather_object pickles, but only between this job's own ranks
+    (as the control group's agreement does); nothing read from a checkpoint goes through it."""
+    out: list[Any] = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(out, value, group=group)
+    return out
+
+
+def _combined(errors: list[str | None]) -> str | None:
+    """One message for what the ranks reported: the error itself when every failing rank saw the
+    same (a torn checkpoint on a shared folder), else each rank's."""
+    failed = {r: e for r, e in enumerate(errors) if e is not None}
+    if not failed:
+        return None
+    distinct = set(failed.values())
+    if len(distinct) == 1:
+        return distinct.pop()
+    return "; ".join(f"rank {r}: {e}" for r, e in failed.items())
+
+
+def _hash_files(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    entries = {}
+    for name in names:
+        entries[name] = {"size": (folder / name).stat().st_size, "sha256": file_sha256(folder / name)}
+    return entries
+
+
+def _save_synced(path: Path, value: Any) -> dict[str, Any]:
+    """``torch.save`` into ``path``, fsynced; its manifest entry (hashed on the way out)."""
+    with open(path, "wb") as f:
+        writer = _HashingWriter(f)
+        torch.save(value, writer)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"size": writer.size, "sha256": writer.digest.hexdigest()}
+
+
+def _save_sharded(
+    folder: Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    data_position: dict[str, Any],
+    extra: dict[str, Any],
+    process_group: Any,
+) -> Checkpoint:
+    """:func:`save` for a sharded model; collective (see the module's docstring)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    rank, world = _group_rank_size(process_group)
+    final = folder / folder_name(step)
+    tmp: Path | None = None
+    error: str | None = None
+    state: dict[str, Any] = {}
+    rng: dict[str, Any] = {}
+    tmp_name: str | None = None
+    try:
+        _check_plain(data_position, "data_position")
+        _check_plain(extra, "extra")
+        if rank == 0:
+            if os.path.lexists(final):
+                raise CheckpointError(f"{final}: already exists; runwatch never overwrites a checkpoint")
+            # One folder for all ranks, named by rank 0: its pid is as unique there as in save().
+            tmp = folder / f".tmp-{folder_name(step)}-{os.getpid()}"
+            folder.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            tmp_name = tmp.name
+        rng = _rng_state()
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optimizer_state}
+    except CheckpointError as exc:
+        error = str(exc)
+    except Exception as exc:
+        error = f"{final}: save failed ({type(exc).__name__}: {exc})"
+
+    def fail(message: str) -> CheckpointError:
+        if rank == 0 and tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return CheckpointError(message)
+
+    # Agreement 1: every rank is ready, and all know the folder. A rank that failed alone must
+    # not leave the others inside dcp.save waiting for it.
+    answers = _all_gather((tmp_name, error), process_group)
+    if (message := _combined([e for _, e in answers])) is not None:
+        raise fail(message)
+    tmp = folder / str(answers[0][0])
+
+    # DCP gathers every rank's write results and raises on all of them if one failed; it writes
+    # .metadata last, on rank 0, after every shard is on disk (and fsynced: sync_files).
+    try:
+        writer = dcp.FileSystemWriter(tmp, sync_files=True)
+        dcp.save(state, storage_writer=writer, process_group=process_group)
+    except Exception as exc:
+        raise fail(f"{final}: save failed ({type(exc).__name__}: {exc})") from exc
+    del state
+
+    # Each rank hashes what it wrote (its shards are in the page cache still) and its RNG states;
+    # rank 0 also the small state and DCP's .metadata.
+    entries: dict[str, dict[str, Any]] = {}
+    error = None
+    try:
+        rng_name = RNG_FILE.format(rank=rank)
+        entries[rng_name] = _save_synced(tmp / rng_name, rng)
+        names = sorted(os.listdir(tmp))
+        mine = [n for n in names if (m := _DCP_SHARD.fullmatch(n)) and int(m.group(1)) == rank]
+        if rank == 0:
+            small = {"layout": DCP_LAYOUT, "world_size": world, "step": step,
+                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                     "data_position": data_position, "extra": extra}
+            entries[STATE] = _save_synced(tmp / STATE, small)
+            # Anything DCP wrote that no rank's shard pattern claims (.metadata, a newer DCP's
+            # extra files) is rank 0's to list; other ranks' RNG files are theirs.
+            mine += [n for n in names if not _DCP_SHARD.fullmatch(n) and not _RNG_NAME.fullmatch(n)
+                     and n != STATE]
+        entries.update(_hash_files(tmp, mine))
+    except Exception as exc:
+        error = f"{final}: save failed on rank {rank} ({type(exc).__name__}: {exc})"
+    # Agreement 2: every rank's files, to rank 0 for the manifest.
+    answers = _all_gather((entries, error), process_group)
+    if (message := _combined([e for _, e in answers])) is not None:
+        raise fail(message)
+
+    outcome: tuple[float, int] | None = None
+    error = None
+    if rank == 0:
+        try:
+            files: dict[str, dict[str, Any]] = {}
+            for r, (theirs, _) in enumerate(answers):
+                for name, entry in theirs.items():
+                    try:
+                        size = (tmp / name).stat().st_size
+                    except FileNotFoundError:
+                        size = -1
+                    if size != entry["size"]:
+                        raise CheckpointError(
+                            f"{final}: {name}, written by rank {r}, is not visible from rank 0; "
+                            "checkpoint_dir must be a folder every rank shares"
+                        )
+                    files[name] = entry
+            manifest = {"files": files, "step": step, "format": MANIFEST_FORMAT, "layout": DCP_LAYOUT,
+                        "world_size": world}
+            manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n"
+            _write_synced(tmp / MANIFEST, manifest_bytes)
+            saved_at = time.time()
+            marker = {"step": step, "saved_at": saved_at,
+                      "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest()}
+            _write_synced(tmp / MARKER, json.dumps(marker, sort_keys=True).encode() + b"\n")
+            _fsync_dir(tmp)
+            if os.path.lexists(final):
+                raise CheckpointError(f"{final}: already exists; runwatch never overwrites a checkpoint")
+            os.rename(tmp, final)
+            _fsync_dir(folder)
+            size = sum(e["size"] for e in files.values()) + len(manifest_bytes)
+            size += (final / MARKER).stat().st_size
+            outcome = (saved_at, size)
+        except CheckpointError as exc:
+            error = str(exc)
+        except Exception as exc:
+            error = f"{final}: save failed ({type(exc).__name__}: {exc})"
+    # Agreement 3: rank 0 renamed it, or every rank raises its reason.
+    answers = _all_gather((outcome, error), process_group)
+    if (message := _combined([e for _, e in answers])) is not None:
+        raise fail(message)
+    saved_at, size = answers[0][0]
+    return Checkpoint(final, step, RUNWATCH, True, size, saved_at)
+
+
+# Exactly the records DCP's FileSystemWriter pickles into .metadata (torch 2.4 .. 2.13); any other
+# global, the first step of every pickle exploit, is refused before it is looked up.
+_DCP_METADATA_GLOBALS = frozenset(
+    [("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorStorageMetadata",
+        "BytesStorageMetadata", "TensorProperties", "StorageMeta", "_MEM_FORMAT_ENCODING")]
+    + [("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+       # Returns one of torch's layout objects by name (torch.strided); runs nothing else.
+       ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+       ("pathlib._local", "PosixPath"), ("pathlib._local", "PurePosixPath"), ("collections", "OrderedDict")]
+)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _DCP_METADATA_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        # The wording torch.load uses, so _UNSUPPORTED_GLOBAL names the culprit in the error.
+        raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
+
+
+def _read_dcp_metadata(path: Path) -> Any:
+    """DCP's ``.metadata``, unpickled with only DCP's own records allowed, and every file it
+    points at checked to lie inside the checkpoint folder."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    try:
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except pickle.UnpicklingError as exc:
+        found = _UNSUPPORTED_GLOBAL.search(str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise CheckpointError(
+            f"{path}: holds pickled Python objects{what} that are not DCP metadata; runwatch will not "
+            "unpickle them"
+        ) from None
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not DCP metadata ({type(exc).__name__}: {exc})") from None
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
+        raise CheckpointError(f"{path}: not DCP metadata ({type(metadata).__name__})")
+    for info in (metadata.storage_data or {}).values():
+        inside(path.parent, Path(str(getattr(info, "relative_path", ""))))
+    return metadata
+
+
+@functools.cache
+def _dcp_loaders() -> tuple[type, type]:
+    """A FileSystemReader and a DefaultLoadPlanner that never unpickle freely (built on first use:
+    importing torch.distributed.checkpoint costs time every training script would pay)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):  # type: ignore[misc]
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            # As FileSystemReader.read_metadata (torch 2.13), with pickle.load replaced.
+            rank = kwargs.get("rank")
+            name = DCP_METADATA if rank is None else f"__{rank}{DCP_METADATA}"
+            metadata = _read_dcp_metadata(Path(self.path) / name)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class SafePlanner(DefaultLoadPlanner):  # type: ignore[misc]
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            # DefaultLoadPlanner reads non-tensor values (lr, betas, ...) with weights_only=False.
+            # Read them with weights_only=True, then hand them on re-saved: plain values only.
+            try:
+                plain = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as exc:
+                found = _UNSUPPORTED_GLOBAL.search(str(exc))
+                raise CheckpointError(
+                    f"{read_item.dest_index.fqn}: holds pickled Python objects"
+                    f"{f' ({found.group(1)})' if found else ''}; runwatch will not unpickle them"
+                ) from None
+            again = io.BytesIO()
+            torch.save(plain, again)
+            again.seek(0)
+            super().load_bytes(read_item, again)
+
+    return SafeReader, SafePlanner
+
+
+class _NoneLeft(CheckpointError):
+    """Some rank has no checkpoint left to try: :func:`restore_latest_clean` stops on every rank."""
+
+
+def _agree_to_load(path: str | None, error: str | None, group: Any, *, none_left: bool = False) -> None:
+    """Before a collective load: every rank says which checkpoint it is about to load, or why it
+    cannot; all go on only when all can, with the same one; else all raise the same error."""
+    answers = _all_gather((path, error, none_left), group)
+    if any(left for _, _, left in answers):
+        raise _NoneLeft(_combined([e for _, e, _ in answers]) or "no checkpoint left to try")
+    if (message := _combined([e for _, e, _ in answers])) is not None:
+        raise CheckpointError(message)
+    if len({p for p, _, _ in answers}) > 1:
+        chosen = ", ".join(f"rank {r}: {p}" for r, (p, _, _) in enumerate(answers))
+        raise CheckpointError(f"the ranks chose different checkpoints ({chosen})")
+
+
+def sharded_load_refused(model: torch.nn.Module | None, reason: str, *, process_group: Any = None) -> None:
+    """A rank that cannot even pick a checkpoint for a sharded ``model`` must still answer the
+    others, who wait in :func:`load` for every rank to agree: answer with ``reason`` (they then
+    refuse too). Does nothing for a model that is not sharded; returns once every rank answered."""
+    if not is_sharded(model) or not torch.distributed.is_initialized():
+        return
+    with contextlib.suppress(CheckpointError):
+        _agree_to_load(None, reason, process_group)
+
+
+def _check_dcp_fits(metadata: Any, model_state: dict[str, Any], optimizer: Any, where: Path) -> None:
+    """Refuse before DCP writes anything into the model: keys and (global) shapes of the model
+    state, and an optimizer state present when one is asked for."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    saved = metadata.state_dict_metadata
+    saved_model = {k[len("model."):]: v for k, v in saved.items() if k.startswith("model.")}
+    missing = [k for k in model_state if k not in saved_model]
+    unexpected = [k for k in saved_model if k not in model_state]
+    if missing or unexpected:
+        parts = [
+            f"missing {_describe_keys(missing)}" if missing else "",
+            f"unexpected {_describe_keys(unexpected)}" if unexpected else "",
+        ]
+        raise CheckpointError(f"{where}: does not fit this model: " + "; ".join(p for p in parts if p))
+    wrong = [
+        f"{k} {tuple(saved_model[k].size)} vs {tuple(v.shape)} here"
+        for k, v in model_state.items()
+        if isinstance(v, torch.Tensor) and isinstance(saved_model[k], TensorStorageMetadata)
+        and tuple(saved_model[k].size) != tuple(v.shape)
+    ]
+    if wrong:
+        raise CheckpointError(f"{where}: shapes differ from this model: {_describe_keys(wrong)}")
+    if optimizer is not None and not any(k.startswith("optimizer.") for k in saved):
+        raise CheckpointError(
+            f"{where}: no optimizer state; load with optimizer=None to restore the weights only"
+        )
+
+
+@dataclass
+class _DcpPlan:
+    """A sharded checkpoint read and checked as far as it can be without loading tensors."""
+
+    ckpt: Checkpoint
+    target: dict[str, Any]
+    small: dict[str, Any]
+    rng: dict[str, Any] | None
+
+
+def _plan_dcp(
+    ckpt: Checkpoint, *, model: torch.nn.Module, optimizer: Any, scheduler: Any, restore_rng: bool,
+    rank: int,
+) -> _DcpPlan:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    small = _torch_load(ckpt.path / STATE, "cpu")
+    if not isinstance(small, dict) or small.get("layout") != DCP_LAYOUT:
+        raise CheckpointError(f"{ckpt.path / STATE}: not a runwatch sharded state")
+    if small.get("step") != ckpt.step:
+        raise CheckpointError(f"{ckpt.path / STATE}: says step {small.get('step')!r}, the folder {ckpt.step}")
+    if scheduler is not None and small.get("scheduler") is None:
+        log.warning("runwatch: %s was saved without a scheduler; the scheduler is left as it is", ckpt.path)
+    rng = None
+    if restore_rng:
+        file = ckpt.path / RNG_FILE.format(rank=rank)
+        if file.is_file():
+            rng = _torch_load(file, "cpu")
+        else:  # loaded by more ranks than saved it (DCP reshards the tensors; RNGs cannot be)
+            log.warning("runwatch: %s has no %s; RNG states not restored", ckpt.path, file.name)
+    metadata = _read_dcp_metadata(ckpt.path / DCP_METADATA)
+    module = _unwrap(model)
+    if optimizer is not None:
+        model_state, optimizer_state = get_state_dict(module, optimizer)
+        target = {"model": model_state, "optimizer": optimizer_state}
+    else:
+        target = {"model": get_model_state_dict(module)}
+    _check_dcp_fits(metadata, target["model"], optimizer, ckpt.path)
+    return _DcpPlan(ckpt, target, small, rng)
+
+
+def _load_dcp(
+    path: PathLike | Checkpoint,
+    *,
+    model: torch.nn.Module,
+    optimizer: Any,
+    scheduler: Any,
+    restore_rng: bool,
+    process_group: Any,
+) -> Restored:
+    """:func:`load` of a runwatch sharded checkpoint: collective when ``model`` is sharded (every
+    rank loads its own shards), else in this process alone (DCP gathers whole tensors)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    dist = torch.distributed
+    collective = is_sharded(model) and dist.is_initialized()
+    rank = _group_rank_size(process_group)[0] if collective else (
+        dist.get_rank() if dist.is_available() and dist.is_initialized() else 0)
+    plan: _DcpPlan | None = None
+    error: str | None = None
+    where = str(path.path if isinstance(path, Checkpoint) else path)
+    try:
+        ckpt = _checkpoint_at(path)
+        where = str(ckpt.path)
+        if ckpt.format == DCP:
+            raise CheckpointError(
+                f"{ckpt.path}: a torch.distributed.checkpoint folder runwatch did not write; restore it "
+                "with torch.distributed.checkpoint.load under the parallel layout that saved it"
+            )
+        verify(ckpt)
+        if manifest_layout(ckpt) != DCP_LAYOUT:
+            raise CheckpointError(
+                f"{ckpt.path}: holds one state.pt, and this model is sharded (DTensor parameters); "
+                "runwatch restores a sharded model from the sharded checkpoints watch.checkpoint() "
+                "saves for it"
+            )
+        plan = _plan_dcp(ckpt, model=model, optimizer=optimizer, scheduler=scheduler,
+                         restore_rng=restore_rng, rank=rank)
+    except CheckpointError as exc:
+        error = str(exc)
+    except Exception as exc:
+        error = f"{where}: cannot load ({type(exc).__name__}: {exc})"
+    if collective:
+        _agree_to_load(where, error, process_group)
+    elif error is not None:
+        raise CheckpointError(error)
+    assert plan is not None
+    SafeReader, SafePlanner = _dcp_loaders()
+    try:
+        # Collective: DCP gathers every rank's read plan and raises on all of them if one fails.
+        dcp.load(plan.target, storage_reader=SafeReader(plan.ckpt.path), planner=SafePlanner(),
+                 process_group=process_group, no_dist=not collective)
+        module = _unwrap(model)
+        if optimizer is not None:
+            set_state_dict(module, optimizer, model_state_dict=plan.target["model"],
+                           optim_state_dict=plan.target["optimizer"])
+        else:
+            set_model_state_dict(module, plan.target["model"])
+        if scheduler is not None and plan.small.get("scheduler") is not None:
+            scheduler.load_state_dict(plan.small["scheduler"])
+        if plan.rng is not None:
+            _set_rng(plan.rng)
+    except Exception as exc:
+        raise CheckpointError(f"{plan.ckpt.path}: cannot load ({type(exc).__name__}: {exc})") from exc
+    small = plan.small
+    return Restored(plan.ckpt, plan.ckpt.step, dict(small.get("data_position") or {}),
+                    dict(small.get("extra") or {}))

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from runwatch.daemon import checkpoints
-from runwatch.daemon.protocol import shard_id
+from runwatch.daemon.protocol import STATEFUL_ACTIONS, shard_id
 from runwatch.hooks import checkpoint as ckpt_io
 
 if TYPE_CHECKING:
@@ -58,7 +58,6 @@ HEARTBEAT_SECONDS = 5.0
 #: Commands applied on the sender thread as soon as they arrive, not at a step boundary.
 IMMEDIATE = frozenset({"dump_stacks"})
 #: Commands that change training state: a failure on any rank keeps every rank paused.
-STATEFUL = frozenset({"pause", "resume", "rewind", "skip_shard"})
 
 
 class CommandFailed(Exception):
@@ -211,7 +210,7 @@ class Control:
                 log.warning("runwatch: %s applied before step %d (command %s)", action, step, key)
             elif state == "applied":
                 log.error("runwatch: %s (command %s) failed on rank(s) %s; %s", action, key, failed,
-                          "every rank stays paused" if action in STATEFUL else "training goes on")
+                          "every rank stays paused" if action in STATEFUL_ACTIONS else "training goes on")
             size = self._size()
             self._ack(command, state, step, result, detail,
                       {"failed": failed, "size": size} if self.distributed else None)
@@ -234,7 +233,7 @@ class Control:
             if action == "rewind":
                 self.diverged = None  # every rank loaded the same checkpoint: one state again
             return
-        if action in STATEFUL:
+        if action in STATEFUL_ACTIONS:
             self.paused = True
         if action == "rewind" and len(failed) < self._size():
             self.diverged = (f"rewind (command {key[1]} from {key[0]}) failed on rank(s) "
@@ -291,10 +290,17 @@ class Control:
             chosen, skipped = checkpoints.latest_clean(folder, before_step=before)
             refused += [f"{c.path.name}: {why}" for c, why in skipped]
         if chosen is None:
-            raise CommandFailed(f"no clean checkpoint in {folder}"
-                                + (f" before step {before}" if before is not None else "")
-                                + (f" ({'; '.join(refused)})" if refused else ""))
-        checkpoints.inside(folder, chosen.path)  # a symlink out of the folder is refused
+            reason = (f"no clean checkpoint in {folder}"
+                      + (f" before step {before}" if before is not None else "")
+                      + (f" ({'; '.join(refused)})" if refused else ""))
+            # A sharded model loads collectively: the other ranks wait in load() for this one's answer.
+            ckpt_io.sharded_load_refused(w.model, reason)
+            raise CommandFailed(reason)
+        try:
+            checkpoints.inside(folder, chosen.path)  # a symlink out of the folder is refused
+        except checkpoints.CheckpointError as exc:
+            ckpt_io.sharded_load_refused(w.model, str(exc))
+            raise
         restored = ckpt_io.load(chosen.path, model=w.model, optimizer=w.optimizer,
                                 scheduler=w.scheduler)
         saved_scale = float(restored.extra.get("lr_scale", 1.0)) if restored.extra and "lr_scale" in \

@@ -92,11 +92,22 @@ class GradNorms:
         present = [i for i, p in enumerate(self.params) if p.grad is not None and not p.grad.is_sparse]
         if not present:
             return None
-        squares = self.norms([self.params[i].grad for i in present]).square()  # type: ignore[misc]
+        squares = self.norms([_local(self.params[i].grad) for i in present]).square()  # type: ignore[arg-type]
         group_index = self._index_tensor([self._group_of[i] for i in present])
         per_group = torch.zeros(len(self.group_names), device=self.device, dtype=torch.float32)
         per_group.index_add_(0, group_index, squares)
         return squares.sum().sqrt(), per_group.sqrt()
+
+
+def _local(grad: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded (DTensor, e.g. FSDP2) gradient; any other as it is.
+
+    Under FSDP2 the gradient norm is therefore the norm of this rank's shard, as under DDP it is
+    the rank's local gradient before the all-reduce: the global norm would need a collective
+    every step, which the hook never adds. A spike of the global norm shows in the shards.
+    """
+    to_local = getattr(grad, "to_local", None)
+    return to_local() if to_local is not None else grad
 
 
 def activation_norm(output: Any) -> tuple[torch.Tensor, int] | None:

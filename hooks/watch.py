@@ -344,8 +344,11 @@ class Watch:
             self._handles.append(optimizer.register_step_pre_hook(self._before_step))
         if model is not None:
             if inputs_from_forward:
+                # First among the pre-hooks: FSDP2 prepends its own, which swaps the root's gathered
+                # parameters in; a rewind loaded after it crashes this forward (plain and DTensor
+                # parameters mixed) or computes with pre-rewind copies.
                 self._handles.append(model.register_forward_pre_hook(self._before_forward,
-                                                                     with_kwargs=True))
+                                                                     with_kwargs=True, prepend=True))
             self._handles.append(model.register_forward_hook(self._after_forward))
             # Timed on the inner module: DDP's forward may wait for the other ranks (buffer
             # broadcast), and that wait is not this rank's own work.
@@ -553,11 +556,15 @@ class Watch:
     def checkpoint(self, **extra: Any) -> Checkpoint | None:
         """Save model, optimizer, scheduler, RNG states, step and data position into
         ``checkpoint_dir`` atomically and register it with the daemon. Under DDP rank 0
-        writes and the others return None (all ranks load it on a rewind). Waits for the
-        device (it copies the state): call it where you would save anyway."""
+        writes and the others return None (all ranks load it on a rewind). A sharded model
+        (DTensor parameters, e.g. FSDP2) is saved through torch.distributed.checkpoint by every
+        rank, so every rank must call this at the same step (``checkpoint_dir`` shared by all);
+        all return it, rank 0 registers it. Waits for the device (it copies the state): call it
+        where you would save anyway."""
         if self.checkpoint_dir is None:
             raise ValueError("watch.checkpoint(): pass checkpoint_dir= to watch()")
-        if self.rank != 0:
+        sharded = ckpt_io.is_sharded(self.model)
+        if self.rank != 0 and not sharded:
             return None
         # save() unwraps DDP and torch.compile itself.
         with self.phase("checkpoint"):
@@ -566,7 +573,8 @@ class Watch:
                                  data_position={"batches": self.data_position},
                                  extra={"lr_scale": self.control.lr_scale, "rewinds": self.control.rewinds,
                                         **extra})
-        self._register(saved)
+        if self.rank == 0:  # one registration per checkpoint, however many ranks wrote it
+            self._register(saved)
         return saved
 
     def register_checkpoint(self, path: str | os.PathLike[str]) -> Checkpoint | None:

@@ -506,6 +506,24 @@ def test_dcp_folders_are_recognised_by_metadata_and_not_loaded_as_runwatch(tmp_p
         load(found[0].path, model=model)
 
 
+def test_a_runwatch_sharded_folder_without_its_marker_is_an_incomplete_runwatch_checkpoint(
+        tmp_path: Path) -> None:
+    # What a sharded save leaves when its COMPLETE is gone (retention renames it away first, or
+    # someone deleted it): DCP's .metadata is there, but so is runwatch's state.pt. Taken for a
+    # complete DCP folder, it would be offered as a rewind target with nothing checked.
+    folder = tmp_path / "step-000000500"
+    folder.mkdir()
+    for name, data in ((".metadata", b"meta"), ("__0_0.distcp", b"shard"), ("state.pt", b"state"),
+                       ("manifest.json", b"{}")):
+        (folder / name).write_bytes(data)
+    (found,) = scan(tmp_path)
+    assert (found.format, found.complete, found.step) == ("runwatch", False, 500)
+    with pytest.raises(CheckpointError, match=r"incomplete \(no COMPLETE marker\)"):
+        verify(found)
+    assert checkpoints.manifest_layout(found) is None
+    assert latest_clean(tmp_path) == (None, [(found, f"{folder}: incomplete (no COMPLETE marker)")])
+
+
 def test_scan_skips_odd_entries_and_lists_the_rest(tmp_path: Path) -> None:
     assert scan(tmp_path / "nothing-here") == []
     model, optimizer, _ = _setup(0)

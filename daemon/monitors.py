@@ -85,7 +85,7 @@ class ReferenceRule(Protocol):
 
 
 def create_tables(conn: sqlite3.Connection) -> None:
-    """The saved references, one per (run, rank, monitor). Call inside the schema transaction."""
+    """The saved references, one per (run, rank, monitor) (created by the monitors that save them)."""
     conn.execute(
         "CREATE TABLE IF NOT EXISTS drift_references (run TEXT NOT NULL, rank INTEGER NOT NULL,"
         " monitor TEXT NOT NULL, fine INTEGER NOT NULL, counts BLOB NOT NULL, starts TEXT NOT NULL,"
@@ -282,6 +282,9 @@ class DriftMonitors:
         self._settings = settings or (lambda: DriftConfig(lo=0.0, hi=1.0))
         self._references = references or (lambda: ())
         self._conn = conn
+        if conn is not None:
+            with conn:
+                create_tables(conn)
         self._monitors: dict[tuple[int, str], DriftMonitor] = {}
         self._meta: dict[tuple[int, str], _Meta] = {}
         self._streams: dict[int, StreamInfo] = {}

@@ -281,9 +281,6 @@ class Store:
                 " capabilities TEXT NOT NULL, PRIMARY KEY (run, launch))"
             )
             history.create_tables(self.conn)
-            from runwatch.daemon import monitors  # it imports this module, so not at the top
-
-            monitors.create_tables(self.conn)  # drift references
             db["meta"].upsert({"key": "schema_version", "value": str(SCHEMA_VERSION)}, pk="key")
         for set_id, names in self.conn.execute("SELECT id, names FROM metric_sets"):
             self._metric_sets[tuple(names.split("\n"))] = set_id

@@ -245,9 +245,7 @@ def _tick(n: Notifier, clock: Clock, seconds: float) -> None:
     """Move the clock on and wake the notifier's threads, which otherwise sleep up to 1 real
     second (their timeouts are real time) before they look at the clock again."""
     clock.advance(seconds)
-    n._inbox.put([])  # the dispatcher: flush what is due now
-    for wake in n._wake.values():  # the delivery threads: retry what is due now
-        wake.set()
+    n.poke()
     time.sleep(0.03)
 
 

@@ -99,6 +99,13 @@ class Notifier:
             now = self.clock()
             self._inbox.put([Alert.from_event(e, self.node, now) for e in events])
 
+    def poke(self) -> None:
+        """Look at the clock now: the dispatcher flushes what is due, every delivery thread
+        retries what is due. (Their waits are real time; an injected clock needs this.)"""
+        self._inbox.put([])
+        for ev in self._wake.values():
+            ev.set()
+
     def stop(self) -> None:
         self._stopping.set()
         self._inbox.put(_STOP)

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, cli_run, free_port, short_tmpdir, wait_for
-from test_interventions import cli_command, start_daemon
+from conftest import REPO, DaemonProcess, cli_run, free_port, short_tmpdir, wait_for
+from test_interventions import cli_command
 
 from runwatch.daemon.checkpoints import DCP_METADATA, MANIFEST, MARKER, RUNWATCH, identify, latest_clean, scan
 from runwatch.hooks import checkpoint as ckpt_io
@@ -59,7 +59,11 @@ def _torchrun(cmd: list[str]) -> subprocess.Popen[bytes]:
 @pytest.fixture(scope="module")
 def run() -> Iterator[Run]:
     root = short_tmpdir()
-    d = start_daemon(root, watch_steps=5)
+    # The playbook acts on people's commands only: this tiny run's early gradient norms can trip
+    # the default pack, and an automatic rewind (x0.1) would land beside the one this test sends.
+    config = root / "runwatch.toml"
+    config.write_text("[playbook]\nenabled = false\nwatch_steps = 5\n[retention]\nconfirm_steps = 5\n")
+    d = DaemonProcess(root, extra_args=["--config", str(config)]).start()
     out = root / "out"
     out.mkdir()
     proc = _torchrun([str(REPO / "tests" / "dcp_train.py"), "--name", RUN, "--socket", str(d.socket),
